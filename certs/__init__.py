@@ -1,0 +1,1 @@
+"""Pillion identity library: mesh CA, workload certificates, SPIFFE IDs (no Pillion imports)."""

@@ -1,0 +1,1 @@
+"""Pillion data plane: the sidecar proxy."""
