@@ -1,0 +1,134 @@
+"""A small HTTP/1.1 app for demos: says who it is and what it was sent.
+
+``GET /anything`` answers 200 with JSON: service, version, method, path, and
+the request headers the sidecar added (x-request-id, x-forwarded-for, ...).
+``/status/N`` answers status N. Runs on uvloop + httptools, keep-alive, and
+handles SIGTERM (a container's PID 1 must). Also an async context manager
+for running in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import cast
+
+import httptools
+
+
+class _AppConn(asyncio.Protocol):
+    def __init__(self, app: DemoApp) -> None:
+        self.app = app
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.body = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self.transport is not None:
+                self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = {}
+        self.body = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body += len(body)
+
+    def on_message_complete(self) -> None:
+        t = self.transport
+        if t is None:
+            return
+        self.app.requests += 1
+        path = self.url.decode("latin-1")
+        status = 200
+        if path.startswith("/status/"):
+            try:
+                status = int(path.split("/")[2])
+            except ValueError:
+                status = 400
+        doc = {
+            "service": self.app.name, "version": self.app.version, "method": self.parser.get_method().decode(),
+            "path": path, "body_bytes": self.body,
+            "headers": {k: v for k, v in self.headers.items() if k.startswith("x-") or k in ("host", "end-user")},
+        }
+        body = (json.dumps(doc) + "\n").encode()
+        keep = self.parser.should_keep_alive()
+        t.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n" % (
+            status, b"OK" if status == 200 else b"Status", len(body), b"" if keep else b"connection: close\r\n") + body)
+        if not keep:
+            t.close()
+
+
+class DemoApp:
+    def __init__(self, name: str, version: str = "v1", host: str = "127.0.0.1", port: int = 0) -> None:
+        self.name = name
+        self.version = version
+        self.host = host
+        self.port = port
+        self.requests = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _AppConn(self), self.host, self.port)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self.port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def __aenter__(self) -> DemoApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _main(args: argparse.Namespace) -> int:
+    app = DemoApp(args.name, args.version, args.host, args.port)
+    port = await app.start()
+    print(f"READY {port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    app.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m control.demoapp")
+    ap.add_argument("--name", default="hello")
+    ap.add_argument("--version", default="v1")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args(argv)
+    import uvloop
+
+    return int(uvloop.run(_main(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

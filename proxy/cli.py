@@ -1,0 +1,93 @@
+"""``pillion``: one console script, subcommands a user can guess.
+
+``pillion proxy`` is served here; ``validate``, ``demo`` (and later
+``control``) belong to the control plane and are dispatched to
+``control.cli`` by name, so the data plane does not depend on control-plane
+code beyond the shared translator (ARCHITECTURE.md's import rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from proxy.options import ProxyOptions
+
+CONTROL_COMMANDS = ("validate", "demo")
+
+
+def _labels(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise argparse.ArgumentTypeError(f"label {item!r} is not key=value")
+        out[k] = v
+    return out
+
+
+def proxy_parser(prog: str = "pillion proxy") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Run a Pillion sidecar proxy.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config-dir", help="standalone mode: a directory of Istio YAML")
+    src.add_argument("--xds", metavar="HOST:PORT", help="follow a control server (not available yet)")
+    ap.add_argument("--admin-port", type=int, default=15000, help="admin API port on 127.0.0.1 (0: any free port)")
+    ap.add_argument("--admin-address", default="127.0.0.1")
+    ap.add_argument("--status-port", type=int, default=None, help="also serve /healthz/ready here (Istio: 15021)")
+    ap.add_argument("--prometheus-port", type=int, default=None, help="also serve /stats/prometheus here (Istio: 15090)")
+    ap.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    ap.add_argument("--drain-seconds", type=float, default=5.0)
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--namespace", default="default", help="this workload's namespace")
+    ap.add_argument("--labels", type=_labels, default={}, help="this workload's labels: app=x,version=v1")
+    ap.add_argument("--name", default="", help="this workload's name (default: its app label)")
+    ap.add_argument("--service-account", default="default")
+    ap.add_argument("--no-watch", action="store_true", help="do not reload the config dir on change")
+    return ap
+
+
+def run_proxy(argv: list[str]) -> int:
+    args = proxy_parser().parse_args(argv)
+    if args.xds:
+        print("pillion proxy: --xds needs the control plane, which is not built yet; use --config-dir", file=sys.stderr)
+        return 2
+    opts = ProxyOptions(
+        config_dir=args.config_dir, admin_address=args.admin_address, admin_port=args.admin_port,
+        status_port=args.status_port, prometheus_port=args.prometheus_port,
+        concurrency=max(1, args.concurrency), drain_seconds=args.drain_seconds, log_level=args.log_level,
+        namespace=args.namespace, labels=args.labels, node_name=args.name,
+        service_account=args.service_account, watch=not args.no_watch,
+    )
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    from proxy.supervisor import Supervisor
+
+    return int(uvloop.run(Supervisor(opts).run()))
+
+
+USAGE = """usage: pillion <command> [options]
+
+commands:
+  proxy      run a sidecar proxy (standalone: --config-dir DIR)
+  validate   check a directory of Istio YAML
+  demo       run a local demo: an app behind a sidecar, with traffic
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "proxy":
+        return run_proxy(rest)
+    if cmd in CONTROL_COMMANDS:
+        control_cli = importlib.import_module("control.cli")
+        return int(control_cli.main([cmd, *rest]))
+    print(f"pillion: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2

@@ -1,0 +1,432 @@
+"""xDS v3 resources (protobuf) -> the immutable runtime ``model.Snapshot``.
+
+The one place the data plane reads protobuf (with ``xds_client`` and
+``standalone`` that deliver it). Everything the hot path needs is resolved
+here: defaults filled in, regexes compiled, header names lowercased, host
+lookups turned into dicts.
+
+Strategy: accept exactly the subset of each message this proxy implements and
+refuse the rest. Every message is checked with ``_only(msg, allowed)``, which
+lists the fields actually set; a set field we do not implement raises
+``InvalidResource(type, name, field, ...)``, which the xDS client sends back
+as the NACK's error_detail. Silently ignoring a field a control plane set
+(a retry policy, an RBAC filter) would make the proxy behave differently from
+what the operator sees in the config, so it is never done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+
+from proxy import model
+from proxy.errors import InvalidResource
+
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+ENVOY_DEFAULT_ROUTE_TIMEOUT = 15.0
+ENVOY_DEFAULT_CONNECT_TIMEOUT = 5.0
+ENVOY_DEFAULT_IDLE_TIMEOUT = 3600.0
+
+
+@dataclass
+class XdsResources:
+    """The four resource types a snapshot is built from (any order inside each)."""
+
+    listeners: Sequence[listener_pb2.Listener] = ()
+    routes: Sequence[route_pb2.RouteConfiguration] = ()
+    clusters: Sequence[cluster_pb2.Cluster] = ()
+    endpoints: Sequence[endpoint_pb2.ClusterLoadAssignment] = ()
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def version(self) -> str:
+        """A content hash: equal resources give equal versions."""
+        h = hashlib.sha256()
+        for group in (self.listeners, self.routes, self.clusters, self.endpoints):
+            for msg in sorted(group, key=_name_of):
+                h.update(msg.SerializeToString(deterministic=True))
+            h.update(b"|")
+        return h.hexdigest()[:16]
+
+
+def _name_of(msg: Message) -> str:
+    return getattr(msg, "name", "") or getattr(msg, "cluster_name", "")
+
+
+class _Ctx:
+    """Which resource is being compiled, for error messages."""
+
+    __slots__ = ("name", "type_name")
+
+    def __init__(self, type_name: str, name: str) -> None:
+        self.type_name = type_name
+        self.name = name
+
+    def fail(self, path: str, message: str) -> InvalidResource:
+        return InvalidResource(self.type_name, self.name, path, message)
+
+
+def _only(ctx: _Ctx, msg: Message, allowed: Iterable[str], path: str) -> None:
+    allowed = set(allowed)
+    for fd, _ in msg.ListFields():
+        if fd.name not in allowed:
+            where = f"{path}.{fd.name}" if path else fd.name
+            raise ctx.fail(where, "field is not supported by this proxy")
+
+
+def _seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def _regex(ctx: _Ctx, pattern: str, path: str) -> re.Pattern[bytes]:
+    try:
+        return re.compile(pattern.encode())
+    except re.error as e:
+        raise ctx.fail(path, f"invalid regex {pattern!r}: {e}") from None
+
+
+def _socket_address(ctx: _Ctx, addr: address_pb2.Address, path: str) -> tuple[str, int]:
+    if addr.WhichOneof("address") != "socket_address":
+        raise ctx.fail(path, "only socket_address is supported")
+    sa = addr.socket_address
+    _only(ctx, sa, {"address", "port_value", "protocol"}, f"{path}.socket_address")
+    if sa.protocol != address_pb2.SocketAddress.TCP:
+        raise ctx.fail(f"{path}.socket_address.protocol", "only TCP is supported")
+    if not sa.address:
+        raise ctx.fail(f"{path}.socket_address.address", "required")
+    return sa.address, sa.port_value
+
+
+# ---------------------------------------------------------------- routes
+
+def _string_match(ctx: _Ctx, sm: string_pb2.StringMatcher, path: str) -> tuple[model.StringKind, bytes, re.Pattern[bytes] | None]:
+    _only(ctx, sm, {"exact", "prefix", "suffix", "contains", "safe_regex"}, path)
+    kind = sm.WhichOneof("match_pattern")
+    if kind == "exact":
+        return model.StringKind.EXACT, sm.exact.encode(), None
+    if kind == "prefix":
+        return model.StringKind.PREFIX, sm.prefix.encode(), None
+    if kind == "suffix":
+        return model.StringKind.SUFFIX, sm.suffix.encode(), None
+    if kind == "contains":
+        return model.StringKind.CONTAINS, sm.contains.encode(), None
+    if kind == "safe_regex":
+        return model.StringKind.REGEX, b"", _regex(ctx, sm.safe_regex.regex, f"{path}.safe_regex.regex")
+    raise ctx.fail(path, "a match pattern is required")
+
+
+def _header_match(ctx: _Ctx, hm: route_components_pb2.HeaderMatcher, path: str) -> model.HeaderMatch:
+    _only(ctx, hm, {"name", "string_match", "present_match", "invert_match", "exact_match",
+                    "prefix_match", "suffix_match", "safe_regex_match"}, path)
+    name = hm.name.lower().encode()
+    if not name or name.startswith(b":"):
+        raise ctx.fail(f"{path}.name", "a regular header name is required (pseudo-headers are not supported)")
+    which = hm.WhichOneof("header_match_specifier")
+    if which == "string_match":
+        kind, value, rx = _string_match(ctx, hm.string_match, f"{path}.string_match")
+    elif which == "present_match":
+        kind, value, rx = model.StringKind.PRESENT, b"", None
+        return model.HeaderMatch(name, kind, value, rx, invert=hm.invert_match != (not hm.present_match))
+    elif which == "exact_match":
+        kind, value, rx = model.StringKind.EXACT, hm.exact_match.encode(), None
+    elif which == "prefix_match":
+        kind, value, rx = model.StringKind.PREFIX, hm.prefix_match.encode(), None
+    elif which == "suffix_match":
+        kind, value, rx = model.StringKind.SUFFIX, hm.suffix_match.encode(), None
+    elif which == "safe_regex_match":
+        kind, value, rx = model.StringKind.REGEX, b"", _regex(ctx, hm.safe_regex_match.regex, f"{path}.safe_regex_match.regex")
+    else:
+        kind, value, rx = model.StringKind.PRESENT, b"", None
+    return model.HeaderMatch(name, kind, value, rx, invert=hm.invert_match)
+
+
+def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str) -> model.Route:
+    _only(ctx, r, {"name", "match", "route", "metadata", "decorator"}, path)
+    if not r.HasField("route"):
+        raise ctx.fail(f"{path}.action", "only route actions are supported (no redirect or direct_response yet)")
+    m = r.match
+    _only(ctx, m, {"prefix", "path", "safe_regex", "headers"}, f"{path}.match")
+    spec = m.WhichOneof("path_specifier")
+    rx = None
+    if spec == "prefix":
+        kind, value = model.PathKind.PREFIX, m.prefix.encode()
+    elif spec == "path":
+        kind, value = model.PathKind.EXACT, m.path.encode()
+    elif spec == "safe_regex":
+        kind, value = model.PathKind.REGEX, b""
+        rx = _regex(ctx, m.safe_regex.regex, f"{path}.match.safe_regex.regex")
+    else:
+        raise ctx.fail(f"{path}.match", "a path specifier (prefix, path or safe_regex) is required")
+    headers = tuple(_header_match(ctx, h, f"{path}.match.headers[{i}]") for i, h in enumerate(m.headers))
+    a = r.route
+    _only(ctx, a, {"cluster", "weighted_clusters", "timeout"}, f"{path}.route")
+    timeout = _seconds(a.timeout) if a.HasField("timeout") else ENVOY_DEFAULT_ROUTE_TIMEOUT
+    which = a.WhichOneof("cluster_specifier")
+    if which == "cluster":
+        if not a.cluster:
+            raise ctx.fail(f"{path}.route.cluster", "must not be empty")
+        return model.Route(r.name, kind, value, rx, headers, a.cluster, timeout=timeout)
+    if which == "weighted_clusters":
+        wc = a.weighted_clusters
+        _only(ctx, wc, {"clusters", "total_weight"}, f"{path}.route.weighted_clusters")
+        out = []
+        for i, c in enumerate(wc.clusters):
+            _only(ctx, c, {"name", "weight"}, f"{path}.route.weighted_clusters.clusters[{i}]")
+            if c.weight.value > 0:
+                out.append(model.WeightedCluster(c.name, c.weight.value))
+        if not out:
+            raise ctx.fail(f"{path}.route.weighted_clusters", "at least one cluster needs a positive weight")
+        total = sum(w.weight for w in out)
+        return model.Route(r.name, kind, value, rx, headers, out[0].name, tuple(out), total, timeout)
+    raise ctx.fail(f"{path}.route", "cluster or weighted_clusters is required")
+
+
+def compile_route_config(rc: route_pb2.RouteConfiguration, name: str | None = None) -> model.RouteTable:
+    ctx = _Ctx("RouteConfiguration", name or rc.name)
+    _only(ctx, rc, {"name", "virtual_hosts", "validate_clusters"}, "")
+    exact: dict[bytes, model.VirtualHost] = {}
+    suffixes: list[tuple[bytes, model.VirtualHost]] = []
+    prefixes: list[tuple[bytes, model.VirtualHost]] = []
+    wildcard = None
+    vhosts = []
+    for i, v in enumerate(rc.virtual_hosts):
+        path = f"virtual_hosts[{i}]"
+        _only(ctx, v, {"name", "domains", "routes", "metadata"}, path)
+        routes = tuple(_route(ctx, r, f"{path}.routes[{j}]") for j, r in enumerate(v.routes))
+        vh = model.VirtualHost(v.name, tuple(v.domains), routes)
+        vhosts.append(vh)
+        for d in v.domains:
+            key = d.lower().encode()
+            if key == b"*":
+                wildcard = wildcard or vh
+            elif key.startswith(b"*"):
+                suffixes.append((key[1:], vh))
+            elif key.endswith(b"*"):
+                prefixes.append((key[:-1], vh))
+            elif key in exact:
+                raise ctx.fail(f"{path}.domains", f"domain {d!r} is already used by virtual host {exact[key].name!r}")
+            else:
+                exact[key] = vh
+    suffixes.sort(key=lambda p: -len(p[0]))
+    prefixes.sort(key=lambda p: -len(p[0]))
+    return model.RouteTable(ctx.name, exact, tuple(suffixes), tuple(prefixes), wildcard, tuple(vhosts))
+
+
+# ---------------------------------------------------------------- listeners
+
+def _ads_source(ctx: _Ctx, cs: config_source_pb2.ConfigSource, path: str) -> None:
+    if cs.WhichOneof("config_source_specifier") != "ads":
+        raise ctx.fail(path, "only ads config sources are supported")
+
+
+def _listener(ln: listener_pb2.Listener, routes: dict[str, model.RouteTable]) -> model.Listener:
+    ctx = _Ctx("Listener", ln.name)
+    _only(ctx, ln, {"name", "address", "filter_chains", "traffic_direction", "stat_prefix"}, "")
+    if not ln.name:
+        raise ctx.fail("name", "required")
+    address, port = _socket_address(ctx, ln.address, "address")
+    direction = model.Direction.INBOUND if ln.traffic_direction == 1 else model.Direction.OUTBOUND
+    if len(ln.filter_chains) != 1:
+        raise ctx.fail("filter_chains", "exactly one filter chain is supported")
+    fc = ln.filter_chains[0]
+    _only(ctx, fc, {"filters", "name"}, "filter_chains[0]")
+    if len(fc.filters) != 1:
+        raise ctx.fail("filter_chains[0].filters", "exactly one (terminal) network filter is supported")
+    f = fc.filters[0]
+    fpath = "filter_chains[0].filters[0]"
+    _only(ctx, f, {"name", "typed_config"}, fpath)
+    type_url = f.typed_config.type_url
+    if type_url == HCM_TYPE:
+        hcm = hcm_pb2.HttpConnectionManager()
+        f.typed_config.Unpack(hcm)
+        http = _hcm(ctx, hcm, routes, f"{fpath}.typed_config")
+        return model.Listener(ln.name, address, port, direction, model.Protocol.HTTP, http=http)
+    if type_url == TCP_PROXY_TYPE:
+        tp = tcp_proxy_pb2.TcpProxy()
+        f.typed_config.Unpack(tp)
+        p = f"{fpath}.typed_config"
+        _only(ctx, tp, {"stat_prefix", "cluster", "idle_timeout"}, p)
+        if not tp.cluster:
+            raise ctx.fail(f"{p}.cluster", "required (weighted TCP routes are not supported yet)")
+        idle = _seconds(tp.idle_timeout) if tp.HasField("idle_timeout") else ENVOY_DEFAULT_IDLE_TIMEOUT
+        return model.Listener(ln.name, address, port, direction, model.Protocol.TCP,
+                              tcp=model.TcpSettings(tp.stat_prefix, tp.cluster, idle))
+    raise ctx.fail(f"{fpath}.typed_config", f"unsupported network filter type {type_url!r}")
+
+
+def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.RouteTable], path: str) -> model.HttpSettings:
+    _only(ctx, hcm, {
+        "stat_prefix", "codec_type", "rds", "route_config", "http_filters", "use_remote_address",
+        "generate_request_id", "normalize_path", "max_request_headers_kb", "common_http_protocol_options",
+        "upgrade_configs", "xff_num_trusted_hops", "stream_idle_timeout",
+    }, path)
+    if hcm.codec_type not in (hcm_pb2.HttpConnectionManager.AUTO, hcm_pb2.HttpConnectionManager.HTTP1):
+        raise ctx.fail(f"{path}.codec_type", "only AUTO and HTTP1 are supported (HTTP/2 comes later)")
+    for i, uc in enumerate(hcm.upgrade_configs):
+        if uc.upgrade_type.lower() != "websocket":
+            raise ctx.fail(f"{path}.upgrade_configs[{i}].upgrade_type", "only websocket upgrades are supported")
+    if len(hcm.http_filters) != 1 or hcm.http_filters[0].typed_config.type_url != ROUTER_TYPE:
+        names = [hf.name for hf in hcm.http_filters]
+        raise ctx.fail(f"{path}.http_filters", f"only the router filter is supported so far, got {names}")
+    router_pb2.Router()  # the router has no settings we honour; its presence is what matters
+    which = hcm.WhichOneof("route_specifier")
+    if which == "rds":
+        _ads_source(ctx, hcm.rds.config_source, f"{path}.rds.config_source")
+        rc_name = hcm.rds.route_config_name
+        if not rc_name:
+            raise ctx.fail(f"{path}.rds.route_config_name", "required")
+    elif which == "route_config":
+        rc_name = f"{ctx.name}#inline"
+        routes[rc_name] = compile_route_config(hcm.route_config, rc_name)
+    else:
+        raise ctx.fail(path, "rds or route_config is required")
+    max_kb = hcm.max_request_headers_kb.value if hcm.HasField("max_request_headers_kb") else 60
+    idle = ENVOY_DEFAULT_IDLE_TIMEOUT
+    if hcm.HasField("common_http_protocol_options"):
+        cho = hcm.common_http_protocol_options
+        _only(ctx, cho, {"idle_timeout"}, f"{path}.common_http_protocol_options")
+        if cho.HasField("idle_timeout"):
+            idle = _seconds(cho.idle_timeout)
+    gen = hcm.generate_request_id.value if hcm.HasField("generate_request_id") else True
+    return model.HttpSettings(hcm.stat_prefix, rc_name, max_kb * 1024, idle, gen, True)
+
+
+# ---------------------------------------------------------------- clusters
+
+def _endpoints(ctx: _Ctx, cla: endpoint_pb2.ClusterLoadAssignment, path: str) -> tuple[model.Endpoint, ...]:
+    _only(ctx, cla, {"cluster_name", "endpoints"}, path)
+    out = []
+    for i, loc in enumerate(cla.endpoints):
+        lp = f"{path}.endpoints[{i}]"
+        _only(ctx, loc, {"lb_endpoints", "locality", "load_balancing_weight"}, lp)
+        for j, lbe in enumerate(loc.lb_endpoints):
+            ep_path = f"{lp}.lb_endpoints[{j}]"
+            _only(ctx, lbe, {"endpoint", "load_balancing_weight", "metadata", "health_status"}, ep_path)
+            if lbe.health_status in (3, 4, 5):  # UNHEALTHY, DRAINING, TIMEOUT
+                continue
+            host, port = _socket_address(ctx, lbe.endpoint.address, f"{ep_path}.endpoint.address")
+            if port == 0:
+                raise ctx.fail(f"{ep_path}.endpoint.address.socket_address.port_value", "must be set")
+            weight = lbe.load_balancing_weight.value if lbe.HasField("load_balancing_weight") else 1
+            labels: tuple[tuple[str, str], ...] = ()
+            istio = lbe.metadata.filter_metadata.get("istio") if lbe.HasField("metadata") else None
+            if istio is not None and "labels" in istio.fields:
+                lab = istio.fields["labels"].struct_value.fields
+                labels = tuple(sorted((k, v.string_value) for k, v in lab.items()))
+            out.append(model.Endpoint(host, port, max(1, weight), labels))
+    return tuple(out)
+
+
+def _service_of(name: str) -> tuple[str, model.Direction]:
+    parts = name.split("|")
+    if len(parts) == 4 and parts[0] == "outbound":
+        return parts[3], model.Direction.OUTBOUND
+    if len(parts) == 4 and parts[0] == "inbound":
+        return parts[3], model.Direction.INBOUND
+    return name, model.Direction.OUTBOUND
+
+
+def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.ClusterLoadAssignment]) -> model.Cluster:
+    ctx = _Ctx("Cluster", c.name)
+    _only(ctx, c, {"name", "type", "connect_timeout", "lb_policy", "eds_cluster_config", "load_assignment",
+                   "metadata", "alt_stat_name"}, "")
+    if not c.name:
+        raise ctx.fail("name", "required")
+    if c.lb_policy != cluster_pb2.Cluster.ROUND_ROBIN:
+        raise ctx.fail("lb_policy", f"{cluster_pb2.Cluster.LbPolicy.Name(c.lb_policy)} is not supported yet (ROUND_ROBIN only)")
+    timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else ENVOY_DEFAULT_CONNECT_TIMEOUT
+    kind = c.type
+    if kind == cluster_pb2.Cluster.STATIC:
+        endpoints = _endpoints(ctx, c.load_assignment, "load_assignment")
+    elif kind == cluster_pb2.Cluster.EDS:
+        if c.HasField("eds_cluster_config"):
+            _ads_source(ctx, c.eds_cluster_config.eds_config, "eds_cluster_config.eds_config")
+        service = c.eds_cluster_config.service_name or c.name
+        cla = cla_by_name.get(service)
+        if cla is None:
+            endpoints = ()
+        else:
+            ectx = _Ctx("ClusterLoadAssignment", service)
+            endpoints = _endpoints(ectx, cla, "")
+    else:
+        raise ctx.fail("type", f"{cluster_pb2.Cluster.DiscoveryType.Name(kind)} is not supported (STATIC and EDS are)")
+    service_name, direction = _service_of(c.name)
+    return model.Cluster(c.name, endpoints, timeout, "ROUND_ROBIN", service_name, direction)
+
+
+# ---------------------------------------------------------------- snapshot
+
+def compile_snapshot(res: XdsResources, version: str | None = None) -> model.Snapshot:
+    """Compile a complete set of resources. Raises InvalidResource for the first problem."""
+    routes: dict[str, model.RouteTable] = {}
+    for rc in res.routes:
+        if not rc.name:
+            raise InvalidResource("RouteConfiguration", "", "name", "required")
+        if rc.name in routes:
+            raise InvalidResource("RouteConfiguration", rc.name, "name", "duplicate resource name")
+        routes[rc.name] = compile_route_config(rc)
+    listeners = []
+    seen: set[str] = set()
+    binds: dict[tuple[str, int], str] = {}
+    for ln in res.listeners:
+        if ln.name in seen:
+            raise InvalidResource("Listener", ln.name, "name", "duplicate resource name")
+        seen.add(ln.name)
+        compiled = _listener(ln, routes)
+        other = binds.get(compiled.bind_key)
+        if other is not None:
+            raise InvalidResource("Listener", ln.name, "address", f"same address and port as listener {other!r}")
+        binds[compiled.bind_key] = ln.name
+        listeners.append(compiled)
+    cla_by_name = {cla.cluster_name: cla for cla in res.endpoints}
+    clusters: dict[str, model.Cluster] = {}
+    for c in res.clusters:
+        if c.name in clusters:
+            raise InvalidResource("Cluster", c.name, "name", "duplicate resource name")
+        clusters[c.name] = _cluster(c, cla_by_name)
+    for ls in listeners:
+        if ls.http is not None and ls.http.route_config_name not in routes:
+            raise InvalidResource("Listener", ls.name, "filter_chains[0].filters[0].typed_config.rds.route_config_name",
+                                  f"route configuration {ls.http.route_config_name!r} was not provided")
+        if ls.tcp is not None and ls.tcp.cluster not in clusters:
+            raise InvalidResource("Listener", ls.name, "filter_chains[0].filters[0].typed_config.cluster",
+                                  f"cluster {ls.tcp.cluster!r} was not provided")
+    return model.Snapshot(version or res.version(), tuple(listeners), routes, clusters)
+
+
+def dump_resources(res: XdsResources, version: str) -> dict[str, object]:
+    """An Envoy-shaped /config_dump of the resources a snapshot was built from."""
+    from google.protobuf.json_format import MessageToDict
+
+    def d(msg: Message) -> dict[str, object]:
+        return MessageToDict(msg, preserving_proto_field_name=True)
+
+    base = "type.googleapis.com/envoy.admin.v3."
+    return {"configs": [
+        {"@type": base + "ListenersConfigDump", "version_info": version, "dynamic_listeners": [
+            {"name": ln.name, "active_state": {"version_info": version, "listener": d(ln)}} for ln in res.listeners]},
+        {"@type": base + "ClustersConfigDump", "version_info": version, "dynamic_active_clusters": [
+            {"version_info": version, "cluster": d(c)} for c in res.clusters]},
+        {"@type": base + "RoutesConfigDump", "dynamic_route_configs": [
+            {"version_info": version, "route_config": d(r)} for r in res.routes]},
+        {"@type": base + "EndpointsConfigDump", "dynamic_endpoint_configs": [
+            {"version_info": version, "endpoint_config": d(e)} for e in res.endpoints]},
+    ]}

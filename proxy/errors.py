@@ -1,0 +1,133 @@
+"""The typed failures of the data plane, and what each becomes on the wire.
+
+Each class carries the HTTP status of its local reply, the Envoy-style
+response flag, and the gRPC code used when the caller speaks gRPC (the h2
+``error_code``-as-class-attribute pattern). Raised in the pure tiers,
+turned into a response in exactly one place: ``hcm.HttpConnection``'s
+local-reply path. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of everything the proxy turns into a local reply."""
+
+    status: int = 500
+    flag: str = ""
+    grpc_status: int = 13  # INTERNAL
+    body: bytes = b""
+
+
+class DownstreamProtocolError(ProxyError):
+    """The client sent bytes that are not valid HTTP/1.1 (its fault)."""
+
+    status = 400
+    flag = "DPE"
+    grpc_status = 13
+    body = b"Bad Request"
+
+
+class HeadersTooLargeError(DownstreamProtocolError):
+    """Request line plus headers exceeded the listener's limit (RFC 6585 431)."""
+
+    status = 431
+    body = b"Request Header Fields Too Large"
+
+
+class NotImplementedCodingError(DownstreamProtocolError):
+    """A Transfer-Encoding other than ``chunked`` (RFC 9112 section 6.1: 501)."""
+
+    status = 501
+    body = b"Not Implemented"
+
+
+class NoRouteError(ProxyError):
+    """No virtual host or route matched the request (Envoy NR)."""
+
+    status = 404
+    flag = "NR"
+    grpc_status = 12  # UNIMPLEMENTED
+    body = b""
+
+
+class NoHealthyUpstreamError(ProxyError):
+    """The cluster has no endpoints to pick from (Envoy UH)."""
+
+    status = 503
+    flag = "UH"
+    grpc_status = 14  # UNAVAILABLE
+    body = b"no healthy upstream"
+
+
+class ClusterNotFoundError(ProxyError):
+    """The route names a cluster the snapshot does not have (Envoy NC)."""
+
+    status = 503
+    flag = "NC"
+    grpc_status = 14
+    body = b"cluster not found"
+
+
+class ConnectError(ProxyError):
+    """The upstream refused or failed the TCP connect (Envoy UF)."""
+
+    status = 503
+    flag = "UF"
+    grpc_status = 14
+    body = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+
+
+class ConnectTimeoutError(ConnectError):
+    """The TCP connect did not finish within the cluster's connect timeout (UF)."""
+
+    body = b"upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
+
+
+class UpstreamResetError(ProxyError):
+    """The upstream closed or broke the connection before a full response head (UR)."""
+
+    status = 503
+    flag = "UR"
+    grpc_status = 14
+    body = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+
+
+class UpstreamProtocolError(UpstreamResetError):
+    """The upstream answered with bytes that are not HTTP/1.1 (Envoy UPE, reported as 503)."""
+
+    flag = "UPE"
+    body = b"upstream connect error or disconnect/reset before headers. reset reason: protocol error"
+
+
+class RequestTimeoutError(ProxyError):
+    """The route timeout expired before the response completed (UT)."""
+
+    status = 504
+    flag = "UT"
+    grpc_status = 4  # DEADLINE_EXCEEDED
+    body = b"upstream request timeout"
+
+
+class UpstreamOverflowError(ProxyError):
+    """A circuit-breaker limit was hit (UO)."""
+
+    status = 503
+    flag = "UO"
+    grpc_status = 14
+    body = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
+
+
+class InvalidResource(Exception):
+    """An xDS resource the proxy cannot compile: becomes a NACK's error_detail.
+
+    ``type_name`` is the short xDS type (Listener, Cluster, ...), ``name`` the
+    resource name and ``field`` the dotted path of the offending field.
+    """
+
+    def __init__(self, type_name: str, name: str, field: str, message: str) -> None:
+        super().__init__(f"{type_name} {name!r}: {field}: {message}")
+        self.type_name = type_name
+        self.name = name
+        self.field = field
+        self.message = message

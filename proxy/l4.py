@@ -1,0 +1,299 @@
+"""TCP proxying: splice a downstream connection to an upstream one.
+
+Two asyncio Protocols that write straight into each other's transport: no
+task, no buffer object, no await per chunk (STYLE.md 2.3). Backpressure is
+the transports' own: when one side's write buffer passes its high-water mark
+(``pause_writing``), reading from the other side stops until it drains, so a
+slow peer never makes the proxy hold more than about one high-water mark per
+direction. A FIN from one side is passed on as a FIN to the other
+(half-close); the connection pair closes when both directions are done.
+
+Timeouts: the connect timeout is the cluster's; the idle timeout is checked
+by the worker's once-a-tick sweep, comparing byte counters, so the data path
+pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import cast
+
+from proxy.cluster import ClusterRuntime
+from proxy.context import Context
+from proxy.model import Listener
+from proxy.stats import ClusterStats, ListenerStats
+
+log = logging.getLogger("pillion.tcp")
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class TcpDownstream(asyncio.Protocol):
+    __slots__ = (
+        "_closed", "_connect", "_down_eof", "_idle_start", "_pending", "_seen", "_up_eof", "ctx",
+        "listener", "lstats", "stats", "transport", "upstream",
+    )
+
+    def __init__(self, ctx: Context, listener: Listener, lstats: ListenerStats) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.lstats = lstats
+        self.transport: asyncio.Transport | None = None
+        self.upstream: TcpUpstream | None = None
+        self.stats: ClusterStats | None = None
+        self._pending: list[bytes] = []
+        self._connect: asyncio.Task[None] | None = None
+        self._down_eof = False
+        self._up_eof = False
+        self._closed = False
+        self._seen = 0
+        self._idle_start = ctx.tick
+
+    # -- downstream events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        _nodelay(transport)
+        ctx = self.ctx
+        ctx.connections.add(self)
+        self.lstats.cx_total += 1
+        self.lstats.cx_active += 1
+        tcp = self.listener.tcp
+        assert tcp is not None
+        rt = ctx.clusters.get(tcp.cluster)
+        ep = rt.lb.pick() if rt is not None else None
+        if rt is None or ep is None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("tcp %s: no cluster or endpoint for %s", self.listener.name, tcp.cluster)
+            ctx.stats.count_local_reply("UH" if rt is not None else "NC")
+            transport.abort()
+            return
+        self.stats = rt.stats
+        rt.stats.tcp_opened += 1
+        transport.pause_reading()  # until the upstream is there
+        self._connect = ctx.loop.create_task(self._open(rt, ep.host, ep.port))
+
+    async def _open(self, rt: ClusterRuntime, host: str, port: int) -> None:
+        stats = rt.stats
+        try:
+            _, up = await asyncio.wait_for(
+                self.ctx.loop.create_connection(lambda: TcpUpstream(self), host, port),
+                rt.spec.connect_timeout,
+            )
+        except (OSError, TimeoutError) as e:
+            stats.cx_connect_fail += 1
+            if isinstance(e, TimeoutError):
+                stats.cx_connect_timeout += 1
+            self.ctx.stats.count_local_reply("UF")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("tcp %s: connect %s:%s failed: %r", self.listener.name, host, port, e)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        finally:
+            self._connect = None
+        stats.cx_total += 1
+        stats.cx_active += 1
+        assert isinstance(up, TcpUpstream)
+        if self._closed:
+            up.close()
+            return
+        self.upstream = up
+        if self._pending:
+            up.write(b"".join(self._pending))
+            self._pending.clear()
+        if self._down_eof:
+            up.write_eof()
+        elif self.transport is not None:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        stats = self.stats
+        if stats is not None:
+            stats.tcp_received += len(data)
+        up = self.upstream
+        if up is not None:
+            up.write(data)
+        else:
+            self._pending.append(data)
+
+    def eof_received(self) -> bool:
+        self._down_eof = True
+        up = self.upstream
+        if up is not None:
+            up.write_eof()
+        return not self._up_eof
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.ctx.forget(self)
+        self.lstats.cx_active -= 1
+        self.lstats.cx_destroy += 1
+        if self.stats is not None:
+            self.stats.tcp_closed += 1
+        if self._connect is not None:
+            self._connect.cancel()
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            if exc is None:
+                up.close()  # flushes what is buffered, then FIN
+            else:
+                up.abort()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # -- called by the upstream side
+    def from_upstream(self, data: bytes) -> None:
+        stats = self.stats
+        if stats is not None:
+            stats.tcp_sent += len(data)
+        t = self.transport
+        if t is not None:
+            t.write(data)
+
+    def upstream_eof(self) -> bool:
+        self._up_eof = True
+        t = self.transport
+        if t is not None and t.can_write_eof():
+            t.write_eof()
+        if self._down_eof:
+            self.close()
+            return False
+        return True
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        up = self.upstream
+        self.upstream = None
+        if up is not None and self.stats is not None:
+            self.stats.cx_active -= 1
+        t = self.transport
+        if t is not None:
+            if exc is None:
+                t.close()
+            else:
+                t.abort()
+
+    def pause_downstream(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_downstream(self) -> None:
+        if self.transport is not None and self.upstream is not None:
+            self.transport.resume_reading()
+
+    # -- lifecycle
+    def close(self) -> None:
+        t = self.transport
+        if t is not None:
+            t.close()
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+    def drain(self) -> None:
+        """TCP has no request boundary: connections run until the drain deadline."""
+
+    def on_tick(self, tick: int) -> None:
+        tcp = self.listener.tcp
+        if tcp is None or not tcp.idle_timeout or self.stats is None:
+            return
+        mine = self._activity()  # this pair's own byte count
+        if mine != self._seen:
+            self._seen = mine
+            self._idle_start = tick
+        elif (tick - self._idle_start) * self.ctx.tick_seconds >= tcp.idle_timeout:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("tcp %s: idle timeout", self.listener.name)
+            self.abort()
+            if self.upstream is not None:
+                self.upstream.abort()
+
+    def _activity(self) -> int:
+        up = self.upstream
+        return up.bytes if up is not None else 0
+
+
+class TcpUpstream(asyncio.Protocol):
+    __slots__ = ("bytes", "down", "reader_paused", "transport")
+
+    def __init__(self, down: TcpDownstream) -> None:
+        self.down = down
+        self.transport: asyncio.Transport | None = None
+        self.reader_paused = False
+        self.bytes = 0  # both directions, for the idle check
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        _nodelay(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self.down.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        return self.down.upstream_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.down.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.down.pause_downstream()
+
+    def resume_writing(self) -> None:
+        self.down.resume_downstream()
+
+    def write(self, data: bytes) -> None:
+        self.bytes += len(data)
+        t = self.transport
+        if t is not None:
+            t.write(data)
+
+    def write_eof(self) -> None:
+        t = self.transport
+        if t is not None and t.can_write_eof():
+            t.write_eof()
+
+    def pause_reading(self) -> None:
+        t = self.transport
+        if t is not None and not self.reader_paused:
+            self.reader_paused = True
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self.transport
+        if t is not None and self.reader_paused:
+            self.reader_paused = False
+            t.resume_reading()
+
+    def close(self) -> None:
+        t = self.transport
+        if t is not None:
+            t.close()
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None:
+            t.abort()

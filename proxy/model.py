@@ -1,0 +1,186 @@
+"""The compiled runtime snapshot: plain, immutable Python objects.
+
+Everything the hot path reads comes from here. ``compile.py`` builds it from
+xDS resources; tests build it by hand. Rules (STYLE.md 2.3): frozen slotted
+dataclasses, tuples, and dicts built once for exact lookups; header names are
+pre-lowercased ``bytes``; regexes are compiled; every default is resolved, so
+no consumer ever has to ask "is this set?". Nothing here does I/O, and the
+whole snapshot pickles (it is how workers receive it).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+
+class Protocol(enum.Enum):
+    HTTP = "http"
+    TCP = "tcp"
+
+
+class Direction(enum.Enum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class PathKind(enum.Enum):
+    PREFIX = 1  # matches the start of :path (query string included, as Envoy)
+    EXACT = 2  # equals :path with the query string removed
+    REGEX = 3  # full match of :path with the query string removed
+
+
+class StringKind(enum.Enum):
+    EXACT = 1
+    PREFIX = 2
+    SUFFIX = 3
+    CONTAINS = 4
+    REGEX = 5
+    PRESENT = 6
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """One request-header condition; ``name`` is lowercased bytes."""
+
+    name: bytes
+    kind: StringKind
+    value: bytes = b""
+    regex: re.Pattern[bytes] | None = None
+    invert: bool = False
+
+    def matches(self, value: bytes | None) -> bool:
+        if value is None:  # an absent header fails every match kind
+            return self.invert
+        kind = self.kind
+        if kind is StringKind.EXACT:
+            ok = value == self.value
+        elif kind is StringKind.PREFIX:
+            ok = value.startswith(self.value)
+        elif kind is StringKind.SUFFIX:
+            ok = value.endswith(self.value)
+        elif kind is StringKind.CONTAINS:
+            ok = self.value in value
+        elif kind is StringKind.REGEX:
+            assert self.regex is not None
+            ok = self.regex.fullmatch(value) is not None
+        else:
+            ok = True
+        return ok != self.invert
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A compiled route: match conditions and the one action this issue supports."""
+
+    name: str
+    path_kind: PathKind
+    path: bytes
+    path_regex: re.Pattern[bytes] | None
+    headers: tuple[HeaderMatch, ...]
+    # Action: either a single cluster or a weighted set (cumulative weights).
+    cluster: str
+    weighted: tuple[WeightedCluster, ...] = ()
+    total_weight: int = 0
+    timeout: float = 15.0  # seconds; 0 disables (Envoy's RouteAction.timeout semantics)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """A RouteConfiguration compiled for O(1) host lookup.
+
+    ``exact`` maps a lowercased Host value (``name`` or ``name:port``) to its
+    virtual host; ``suffixes``/``prefixes`` hold ``*.x`` / ``x.*`` domains,
+    longest first; ``wildcard`` is the ``*`` host if one exists.
+    """
+
+    name: str
+    exact: dict[bytes, VirtualHost]
+    suffixes: tuple[tuple[bytes, VirtualHost], ...] = ()
+    prefixes: tuple[tuple[bytes, VirtualHost], ...] = ()
+    wildcard: VirtualHost | None = None
+    virtual_hosts: tuple[VirtualHost, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    weight: int = 1
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout: float = 10.0
+    lb_policy: str = "ROUND_ROBIN"
+    # Istio-style identity of the destination, for metrics labels.
+    service: str = ""
+    direction: Direction = Direction.OUTBOUND
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """What the HTTP connection manager of one listener needs."""
+
+    stat_prefix: str
+    route_config_name: str  # key into Snapshot.routes (inline configs are stored there too)
+    max_request_headers_bytes: int = 60 * 1024  # Envoy's max_request_headers_kb default
+    idle_timeout: float = 3600.0  # downstream keep-alive idle timeout; 0 disables
+    generate_request_id: bool = True
+    forward_client_address: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSettings:
+    stat_prefix: str
+    cluster: str
+    idle_timeout: float = 3600.0  # Envoy's tcp_proxy default: 1h; 0 disables
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    direction: Direction
+    protocol: Protocol
+    http: HttpSettings | None = None
+    tcp: TcpSettings | None = None
+
+    @property
+    def bind_key(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One complete, consistent configuration. Swapped as a whole, never edited."""
+
+    version: str
+    listeners: tuple[Listener, ...] = ()
+    routes: dict[str, RouteTable] = field(default_factory=dict)
+    clusters: dict[str, Cluster] = field(default_factory=dict)
+
+
+EMPTY = Snapshot(version="")

@@ -1,0 +1,31 @@
+"""ProxyOptions: the frozen bootstrap of one ``pillion proxy`` process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    config_dir: str | None = None  # standalone mode: the Istio YAML directory
+    xds: str | None = None  # HOST:PORT of a control server (a later issue)
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 15000  # 0 picks a free port (tests)
+    status_port: int | None = None  # Istio's 15021 /healthz/ready, off unless asked for
+    prometheus_port: int | None = None  # Istio's 15090 /stats/prometheus, off unless asked for
+    concurrency: int = 1  # worker processes; 1 runs the worker in this process
+    drain_seconds: float = 5.0  # Istio's terminationDrainDuration default
+    log_level: str = "info"
+    namespace: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    node_name: str = ""  # workload name; defaults to the labels' app or "sidecar"
+    service_account: str = "default"
+    watch: bool = True  # reload the config dir on change
+    tick_seconds: float = 1.0  # idle-timeout sweep period
+
+    @property
+    def workload(self) -> str:
+        return self.node_name or self.labels.get("app", "") or "sidecar"
+
+    def node(self) -> dict[str, str]:
+        return {"workload": self.workload, "namespace": self.namespace}

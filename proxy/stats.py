@@ -1,0 +1,300 @@
+"""Counters and histograms, bumped on the hot path, rendered only on scrape.
+
+Hot-path cost is attribute and dict increments on objects pre-bound per
+cluster and listener (STYLE.md 2.3). ``export()`` turns a worker's numbers
+into plain nested dicts (they cross process boundaries with ``--concurrency``);
+``merge()`` sums several exports; ``render_prometheus()`` writes the text
+exposition with Istio's metric and label names. No I/O here.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# Istio's default bucket boundaries.
+DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000)
+SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1000000000)
+
+
+class _Histogram:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def export(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "sum": self.sum}
+
+
+class RequestClass:
+    """Numbers for one (response code, response flags) pair of one cluster."""
+
+    __slots__ = ("count", "duration", "request_size", "response_size")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.duration = _Histogram(DURATION_BUCKETS_MS)
+        self.request_size = _Histogram(SIZE_BUCKETS)
+        self.response_size = _Histogram(SIZE_BUCKETS)
+
+
+class ClusterStats:
+    """Everything counted about one upstream cluster in one worker."""
+
+    __slots__ = (
+        "classes", "cx_active", "cx_connect_fail", "cx_connect_timeout", "cx_total",
+        "direction", "name", "rq_active", "rq_reset", "rq_timeout", "rq_total", "service",
+        "tcp_closed", "tcp_opened", "tcp_received", "tcp_sent",
+    )
+
+    def __init__(self, name: str, service: str, direction: str) -> None:
+        self.name = name
+        self.service = service
+        self.direction = direction
+        self.classes: dict[tuple[int, str], RequestClass] = {}
+        self.rq_total = 0
+        self.rq_active = 0
+        self.rq_timeout = 0
+        self.rq_reset = 0
+        self.cx_total = 0
+        self.cx_active = 0
+        self.cx_connect_fail = 0
+        self.cx_connect_timeout = 0
+        self.tcp_opened = 0
+        self.tcp_closed = 0
+        self.tcp_sent = 0  # bytes sent to the downstream client (Istio: response direction)
+        self.tcp_received = 0  # bytes received from the downstream client
+
+    def record_request(self, code: int, flags: str, duration_ms: float, req_bytes: int, resp_bytes: int) -> None:
+        key = (code, flags)
+        cls = self.classes.get(key)
+        if cls is None:
+            cls = self.classes[key] = RequestClass()
+        cls.count += 1
+        cls.duration.observe(duration_ms)
+        cls.request_size.observe(req_bytes)
+        cls.response_size.observe(resp_bytes)
+
+    def export(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            k: getattr(self, k)
+            for k in ("rq_total", "rq_active", "rq_timeout", "rq_reset", "cx_total", "cx_active",
+                      "cx_connect_fail", "cx_connect_timeout", "tcp_opened", "tcp_closed",
+                      "tcp_sent", "tcp_received")
+        }
+        out["service"] = self.service
+        out["direction"] = self.direction
+        out["classes"] = {
+            f"{code}|{flags}": {
+                "count": c.count,
+                "duration": c.duration.export(),
+                "request_size": c.request_size.export(),
+                "response_size": c.response_size.export(),
+            }
+            for (code, flags), c in self.classes.items()
+        }
+        return out
+
+
+class ListenerStats:
+    __slots__ = ("cx_active", "cx_destroy", "cx_total", "name", "protocol_errors", "rq_total")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cx_total = 0
+        self.cx_active = 0
+        self.cx_destroy = 0
+        self.rq_total = 0
+        self.protocol_errors = 0
+
+    def export(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("cx_total", "cx_active", "cx_destroy", "rq_total", "protocol_errors")}
+
+
+class StatsStore:
+    """One worker's stats, keyed by name so counters survive config swaps."""
+
+    def __init__(self) -> None:
+        self.clusters: dict[str, ClusterStats] = {}
+        self.listeners: dict[str, ListenerStats] = {}
+        self.local_replies: dict[str, int] = {}
+
+    def cluster(self, name: str, service: str = "", direction: str = "outbound") -> ClusterStats:
+        cs = self.clusters.get(name)
+        if cs is None:
+            cs = self.clusters[name] = ClusterStats(name, service, direction)
+        return cs
+
+    def listener(self, name: str) -> ListenerStats:
+        ls = self.listeners.get(name)
+        if ls is None:
+            ls = self.listeners[name] = ListenerStats(name)
+        return ls
+
+    def count_local_reply(self, flag: str) -> None:
+        self.local_replies[flag] = self.local_replies.get(flag, 0) + 1
+
+    def export(self) -> dict[str, Any]:
+        return {
+            "clusters": {n: c.export() for n, c in self.clusters.items()},
+            "listeners": {n: ls.export() for n, ls in self.listeners.items()},
+            "local_replies": dict(self.local_replies),
+        }
+
+
+def merge(exports: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Sum several workers' exports; strings (labels) are taken from the first."""
+    out: dict[str, Any] = {}
+    for e in exports:
+        _merge_into(out, e)
+    return out
+
+
+def _merge_into(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, Mapping):
+            _merge_into(dst.setdefault(k, {}), v)
+        elif isinstance(v, list):
+            cur = dst.get(k)
+            dst[k] = list(v) if cur is None else [a + b for a, b in zip(cur, v, strict=True)]
+        elif isinstance(v, str):
+            dst.setdefault(k, v)
+        else:
+            dst[k] = dst.get(k, 0) + v
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in pairs) + "}"
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and not v.is_integer():
+        return repr(v)
+    return str(int(v))
+
+
+def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra: Mapping[str, float] | None = None) -> str:
+    """Prometheus text exposition (version 0.0.4) of a merged export.
+
+    ``node`` gives the reporting workload: keys ``workload``, ``namespace``.
+    """
+    workload = node.get("workload", "unknown") or "unknown"
+    namespace = node.get("namespace", "unknown") or "unknown"
+    lines: list[str] = []
+    clusters: Mapping[str, Any] = merged.get("clusters", {})
+
+    def istio_base(cname: str, c: Mapping[str, Any]) -> list[tuple[str, str]]:
+        inbound = c.get("direction") == "inbound"
+        service = c.get("service") or "unknown"
+        svc_name, _, rest = service.partition(".")
+        svc_ns = rest.split(".", 1)[0] if rest else "unknown"
+        if inbound:
+            src = ("unknown", "unknown")
+            dst_w, dst_ns = workload, namespace
+        else:
+            src = (workload, namespace)
+            dst_w, dst_ns = "unknown", svc_ns
+        return [
+            ("reporter", "destination" if inbound else "source"),
+            ("source_workload", src[0]),
+            ("source_workload_namespace", src[1]),
+            ("destination_workload", dst_w),
+            ("destination_workload_namespace", dst_ns),
+            ("destination_service", service),
+            ("destination_service_name", svc_name or "unknown"),
+            ("destination_service_namespace", svc_ns),
+            ("destination_cluster", cname),
+        ]
+
+    def family(name: str, kind: str, help_: str) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+
+    # --- Istio standard HTTP metrics
+    family("istio_requests_total", "counter", "Requests handled, by response code and flags.")
+    for cname, c in sorted(clusters.items()):
+        base = istio_base(cname, c)
+        for key, cls in sorted(c.get("classes", {}).items()):
+            code, _, flags = key.partition("|")
+            lab = [*base, ("request_protocol", "http"), ("response_code", code),
+                   ("response_flags", flags or "-"), ("connection_security_policy", "none")]
+            lines.append(f"istio_requests_total{_labels(lab)} {cls['count']}")
+    for metric, field, bounds in (
+        ("istio_request_duration_milliseconds", "duration", DURATION_BUCKETS_MS),
+        ("istio_request_bytes", "request_size", SIZE_BUCKETS),
+        ("istio_response_bytes", "response_size", SIZE_BUCKETS),
+    ):
+        family(metric, "histogram", f"{metric.replace('_', ' ')} of requests.")
+        for cname, c in sorted(clusters.items()):
+            base = istio_base(cname, c)
+            for key, cls in sorted(c.get("classes", {}).items()):
+                code, _, flags = key.partition("|")
+                lab = [*base, ("request_protocol", "http"), ("response_code", code),
+                       ("response_flags", flags or "-")]
+                h = cls[field]
+                acc = 0
+                for bound, n in zip((*bounds, float("inf")), h["counts"], strict=True):
+                    acc += n
+                    le = "+Inf" if bound == float("inf") else _fmt(bound)
+                    lines.append(f"{metric}_bucket{_labels([*lab, ('le', le)])} {acc}")
+                lines.append(f"{metric}_sum{_labels(lab)} {_fmt(h['sum'])}")
+                lines.append(f"{metric}_count{_labels(lab)} {acc}")
+
+    # --- Istio standard TCP metrics
+    for metric, field, help_ in (
+        ("istio_tcp_sent_bytes_total", "tcp_sent", "Bytes sent to the downstream during TCP connections."),
+        ("istio_tcp_received_bytes_total", "tcp_received", "Bytes received from the downstream during TCP connections."),
+        ("istio_tcp_connections_opened_total", "tcp_opened", "TCP connections opened."),
+        ("istio_tcp_connections_closed_total", "tcp_closed", "TCP connections closed."),
+    ):
+        family(metric, "counter", help_)
+        for cname, c in sorted(clusters.items()):
+            if c.get("tcp_opened"):
+                lab = [*istio_base(cname, c), ("request_protocol", "tcp"), ("response_flags", "-"),
+                       ("connection_security_policy", "none")]
+                lines.append(f"{metric}{_labels(lab)} {c.get(field, 0)}")
+
+    # --- Envoy-style internals, per cluster and listener
+    for metric, field, kind in (
+        ("envoy_cluster_upstream_rq_total", "rq_total", "counter"),
+        ("envoy_cluster_upstream_rq_active", "rq_active", "gauge"),
+        ("envoy_cluster_upstream_rq_timeout", "rq_timeout", "counter"),
+        ("envoy_cluster_upstream_rq_rx_reset", "rq_reset", "counter"),
+        ("envoy_cluster_upstream_cx_total", "cx_total", "counter"),
+        ("envoy_cluster_upstream_cx_active", "cx_active", "gauge"),
+        ("envoy_cluster_upstream_cx_connect_fail", "cx_connect_fail", "counter"),
+        ("envoy_cluster_upstream_cx_connect_timeout", "cx_connect_timeout", "counter"),
+    ):
+        family(metric, kind, f"Envoy-compatible cluster statistic {field}.")
+        for cname, c in sorted(clusters.items()):
+            lines.append(f"{metric}{_labels([('envoy_cluster_name', cname)])} {c.get(field, 0)}")
+    listeners: Mapping[str, Any] = merged.get("listeners", {})
+    for metric, field, kind in (
+        ("envoy_listener_downstream_cx_total", "cx_total", "counter"),
+        ("envoy_listener_downstream_cx_active", "cx_active", "gauge"),
+        ("envoy_listener_downstream_cx_destroy", "cx_destroy", "counter"),
+        ("envoy_listener_downstream_rq_total", "rq_total", "counter"),
+        ("envoy_listener_downstream_protocol_error", "protocol_errors", "counter"),
+    ):
+        family(metric, kind, f"Envoy-compatible listener statistic {field}.")
+        for lname, ls in sorted(listeners.items()):
+            lines.append(f"{metric}{_labels([('envoy_listener_name', lname)])} {ls.get(field, 0)}")
+    family("pillion_local_replies_total", "counter", "Local replies sent, by response flag.")
+    for flag, n in sorted(merged.get("local_replies", {}).items()):
+        lines.append(f"pillion_local_replies_total{_labels([('response_flags', flag or '-')])} {n}")
+    for name, value in sorted((extra or {}).items()):
+        family(name, "gauge", name.replace("_", " ") + ".")
+        lines.append(f"{name} {_fmt(value)}")
+    return "\n".join(lines) + "\n"
