@@ -235,7 +235,8 @@ async def run_demo(duration: float, keep_dir: bool) -> int:
         _, _, metrics = await _http(admin_port, "GET", "/stats/prometheus", "admin")
         for line in metrics.decode().splitlines():
             if line.startswith("istio_requests_total") or line.startswith("istio_tcp_connections_opened_total"):
-                labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
+                labels = {k: v.strip('"') for k, v in
+                          (kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))}
                 _say(f"   {line.split('{')[0]} cluster={labels['destination_cluster']} "
                      f"code={labels.get('response_code', '-')} flags={labels.get('response_flags')}: {line.rsplit(' ', 1)[1]}")
 

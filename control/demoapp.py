@@ -29,7 +29,12 @@ class _AppConn(asyncio.Protocol):
         self.body = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.app.conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.app.conns.discard(self)
+        self.transport = None
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -85,6 +90,7 @@ class DemoApp:
         self.host = host
         self.port = port
         self.requests = 0
+        self.conns: set[_AppConn] = set()
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> int:
@@ -94,8 +100,12 @@ class DemoApp:
         return self.port
 
     def close(self) -> None:
+        """Stop accepting and close open connections (as a crashed app would)."""
         if self.server is not None:
             self.server.close()
+        for c in list(self.conns):
+            if c.transport is not None:
+                c.transport.close()
 
     async def __aenter__(self) -> DemoApp:
         await self.start()

@@ -126,6 +126,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.ready_event = asyncio.Event()
         self.draining = False
+        self.reload_attempts = asyncio.Condition()  # notified after every reload, good or bad
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -184,6 +185,13 @@ class Supervisor:
 
     async def reload(self) -> bool:
         """Re-read the config directory; keep the current config if the new one is bad."""
+        try:
+            return await self._reload()
+        finally:
+            async with self.reload_attempts:
+                self.reload_attempts.notify_all()
+
+    async def _reload(self) -> bool:
         try:
             resources, snap = self.source.load()
         except ConfigLoadError as e:
