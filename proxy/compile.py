@@ -350,6 +350,12 @@ def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.Cluster
                    "metadata", "alt_stat_name"}, "")
     if not c.name:
         raise ctx.fail("name", "required")
+    if c.type == cluster_pb2.Cluster.ORIGINAL_DST:
+        if c.lb_policy != cluster_pb2.Cluster.CLUSTER_PROVIDED:
+            raise ctx.fail("lb_policy", "ORIGINAL_DST clusters need CLUSTER_PROVIDED")
+        timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else ENVOY_DEFAULT_CONNECT_TIMEOUT
+        service_name, direction = _service_of(c.name)
+        return model.Cluster(c.name, (), timeout, "CLUSTER_PROVIDED", service_name, direction, original_dst=True)
     if c.lb_policy != cluster_pb2.Cluster.ROUND_ROBIN:
         raise ctx.fail("lb_policy", f"{cluster_pb2.Cluster.LbPolicy.Name(c.lb_policy)} is not supported yet (ROUND_ROBIN only)")
     timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else ENVOY_DEFAULT_CONNECT_TIMEOUT

@@ -28,8 +28,8 @@ from proxy.stats import ClusterStats, ListenerStats
 
 log = logging.getLogger("pillion.tcp")
 
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+HIGH_WATER = 1024 * 1024  # Envoy's per-connection buffer limit is 1 MiB too
+LOW_WATER = 256 * 1024
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -41,8 +41,8 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
 
 class TcpDownstream(asyncio.Protocol):
     __slots__ = (
-        "_closed", "_connect", "_down_eof", "_idle_start", "_pending", "_seen", "_up_eof", "ctx",
-        "listener", "lstats", "stats", "transport", "upstream",
+        "_closed", "_connect", "_down_eof", "_flushed_rx", "_flushed_tx", "_idle_start", "_pending", "_seen",
+        "_up_eof", "ctx", "listener", "lstats", "rx", "stats", "transport", "tx", "up_t", "upstream",
     )
 
     def __init__(self, ctx: Context, listener: Listener, lstats: ListenerStats) -> None:
@@ -51,7 +51,14 @@ class TcpDownstream(asyncio.Protocol):
         self.lstats = lstats
         self.transport: asyncio.Transport | None = None
         self.upstream: TcpUpstream | None = None
+        self.up_t: asyncio.Transport | None = None  # the upstream's transport, for the data path
         self.stats: ClusterStats | None = None
+        # Byte counts live on the connection and are added to the cluster's stats once a
+        # tick and at close (Istio reports TCP metrics periodically too).
+        self.rx = 0  # from the client
+        self.tx = 0  # to the client
+        self._flushed_rx = 0
+        self._flushed_tx = 0
         self._pending: list[bytes] = []
         self._connect: asyncio.Task[None] | None = None
         self._down_eof = False
@@ -110,6 +117,7 @@ class TcpDownstream(asyncio.Protocol):
             up.close()
             return
         self.upstream = up
+        self.up_t = up.transport
         if self._pending:
             up.write(b"".join(self._pending))
             self._pending.clear()
@@ -119,12 +127,10 @@ class TcpDownstream(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        stats = self.stats
-        if stats is not None:
-            stats.tcp_received += len(data)
-        up = self.upstream
-        if up is not None:
-            up.write(data)
+        self.rx += len(data)
+        t = self.up_t
+        if t is not None:
+            t.write(data)
         else:
             self._pending.append(data)
 
@@ -141,12 +147,15 @@ class TcpDownstream(asyncio.Protocol):
         self.lstats.cx_active -= 1
         self.lstats.cx_destroy += 1
         if self.stats is not None:
+            self.flush_stats()
             self.stats.tcp_closed += 1
         if self._connect is not None:
             self._connect.cancel()
         up = self.upstream
+        self.up_t = None
         if up is not None:
             self.upstream = None
+            up.down_t = None
             if exc is None:
                 up.close()  # flushes what is buffered, then FIN
             else:
@@ -161,15 +170,15 @@ class TcpDownstream(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.resume_reading()
 
-    # -- called by the upstream side
-    def from_upstream(self, data: bytes) -> None:
+    def flush_stats(self) -> None:
         stats = self.stats
         if stats is not None:
-            stats.tcp_sent += len(data)
-        t = self.transport
-        if t is not None:
-            t.write(data)
+            stats.tcp_received += self.rx - self._flushed_rx
+            stats.tcp_sent += self.tx - self._flushed_tx
+            self._flushed_rx = self.rx
+            self._flushed_tx = self.tx
 
+    # -- called by the upstream side
     def upstream_eof(self) -> bool:
         self._up_eof = True
         t = self.transport
@@ -183,6 +192,7 @@ class TcpDownstream(asyncio.Protocol):
     def upstream_lost(self, exc: Exception | None) -> None:
         up = self.upstream
         self.upstream = None
+        self.up_t = None
         if up is not None and self.stats is not None:
             self.stats.cx_active -= 1
         t = self.transport
@@ -215,10 +225,11 @@ class TcpDownstream(asyncio.Protocol):
         """TCP has no request boundary: connections run until the drain deadline."""
 
     def on_tick(self, tick: int) -> None:
+        self.flush_stats()
         tcp = self.listener.tcp
         if tcp is None or not tcp.idle_timeout or self.stats is None:
             return
-        mine = self._activity()  # this pair's own byte count
+        mine = self.rx + self.tx
         if mine != self._seen:
             self._seen = mine
             self._idle_start = tick
@@ -229,19 +240,15 @@ class TcpDownstream(asyncio.Protocol):
             if self.upstream is not None:
                 self.upstream.abort()
 
-    def _activity(self) -> int:
-        up = self.upstream
-        return up.bytes if up is not None else 0
-
 
 class TcpUpstream(asyncio.Protocol):
-    __slots__ = ("bytes", "down", "reader_paused", "transport")
+    __slots__ = ("down", "down_t", "reader_paused", "transport")
 
     def __init__(self, down: TcpDownstream) -> None:
         self.down = down
+        self.down_t = down.transport  # the client's transport, for the data path
         self.transport: asyncio.Transport | None = None
         self.reader_paused = False
-        self.bytes = 0  # both directions, for the idle check
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -249,14 +256,18 @@ class TcpUpstream(asyncio.Protocol):
         _nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes += len(data)
-        self.down.from_upstream(data)
+        down = self.down
+        down.tx += len(data)
+        t = self.down_t
+        if t is not None:
+            t.write(data)
 
     def eof_received(self) -> bool:
         return self.down.upstream_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.down_t = None
         self.down.upstream_lost(exc)
 
     def pause_writing(self) -> None:
@@ -266,7 +277,6 @@ class TcpUpstream(asyncio.Protocol):
         self.down.resume_downstream()
 
     def write(self, data: bytes) -> None:
-        self.bytes += len(data)
         t = self.transport
         if t is not None:
             t.write(data)

@@ -137,6 +137,9 @@ class Cluster:
     # Istio-style identity of the destination, for metrics labels.
     service: str = ""
     direction: Direction = Direction.OUTBOUND
+    # ORIGINAL_DST: no endpoints of its own; traffic goes where the app sent it
+    # (needs interception to know that; explicit listeners get 503 UH).
+    original_dst: bool = False
 
 
 @dataclass(frozen=True, slots=True)

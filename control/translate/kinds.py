@@ -1,0 +1,194 @@
+"""Builders for the registry kinds, and the driver that builds every kind in order.
+
+Owns: `build_all` (kinds built in dependency order, so a builder can resolve
+a name against objects built before it), MeshConfig, and the meaning of
+ServiceEntry, WorkloadEntry and WorkloadGroup fields beyond their shape:
+host uniqueness, port uniqueness, resolution rules, endpoint ports. The
+traffic kinds are in `traffic.py`, shared field rules in `fields.py`. It
+must not read files or produce xDS; `istio.py` drives it and owns the
+registry (`Session.services`, `.rules`, `.routed`) the builders fill.
+
+A builder reports through its `Build` callable and returns None when
+anything was wrong with its document.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from control.translate import traffic
+from control.translate.fields import keep, protocol, workload
+from control.translate.model import (
+    DestinationRule,
+    MeshConfig,
+    Resolution,
+    ServiceEntry,
+    ServicePort,
+    Sidecar,
+    UnenforcedPolicy,
+    VirtualService,
+    Workload,
+    WorkloadEntry,
+    WorkloadGroup,
+    frozen_map,
+)
+from control.translate.schema import child
+from control.translate.specs import UNENFORCED_KINDS
+
+if TYPE_CHECKING:
+    from control.translate.istio import Build, Entry, Session
+
+_BUILD_ORDER = (
+    "MeshConfig",
+    "ServiceEntry",
+    "WorkloadEntry",
+    "WorkloadGroup",
+    "DestinationRule",
+    "Sidecar",
+    "VirtualService",
+)
+
+
+@dataclass
+class Built:
+    """What the builders produced, before `istio.py` sorts it into a ConfigSet."""
+
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    service_entries: list[ServiceEntry] = field(default_factory=list)
+    workload_entries: list[WorkloadEntry] = field(default_factory=list)
+    workload_groups: list[WorkloadGroup] = field(default_factory=list)
+    sidecars: list[Sidecar] = field(default_factory=list)
+    virtual_services: list[VirtualService] = field(default_factory=list)
+    destination_rules: list[DestinationRule] = field(default_factory=list)
+    unenforced: list[UnenforcedPolicy] = field(default_factory=list)
+
+
+def build_all(session: Session, entries: list[Entry]) -> Built:
+    built = Built()
+    valid = [entry for entry in entries if entry.valid]
+    mesh_entry: Entry | None = None
+    for kind in _BUILD_ORDER:
+        for entry in (e for e in valid if e.kind == kind):
+            b = session.builder(entry)
+            if kind == "MeshConfig":
+                if mesh_entry is not None:
+                    b("", f"only one MeshConfig is allowed; the first is in {mesh_entry.doc.file}")
+                    continue
+                mesh_entry = entry
+                built.mesh = _mesh_config(entry)
+            elif kind == "ServiceEntry":
+                keep(built.service_entries, _service_entry(session, entry, b))
+            elif kind == "WorkloadEntry":
+                found = workload(entry.spec, "spec", b, entry.name, need_address=True)
+                if not b.failed:
+                    built.workload_entries.append(WorkloadEntry(entry.meta(), found))
+            elif kind == "WorkloadGroup":
+                keep(built.workload_groups, _workload_group(entry, b))
+            elif kind == "DestinationRule":
+                keep(built.destination_rules, traffic.destination_rule(session, entry, b))
+            elif kind == "Sidecar":
+                keep(built.sidecars, traffic.sidecar(session, entry, b))
+            else:
+                keep(built.virtual_services, traffic.virtual_service(session, entry, b))
+    for entry in (e for e in valid if e.kind in UNENFORCED_KINDS):
+        if session.allow_unenforced:
+            built.unenforced.append(UnenforcedPolicy(entry.meta(), entry.spec))
+        else:
+            what = "a telemetry policy" if entry.kind == "Telemetry" else "a security policy"
+            session.builder(entry)(
+                "",
+                f"{entry.kind} is not enforced yet; refusing to load rather than silently ignoring {what}",
+            )
+    return built
+
+
+def _mesh_config(entry: Entry) -> MeshConfig:
+    spec = entry.spec
+    return MeshConfig(
+        trust_domain=spec.get("trustDomain", "cluster.local"),
+        root_namespace=spec.get("rootNamespace", "istio-system"),
+        outbound_mode=spec.get("outboundTrafficPolicy", {}).get("mode", "ALLOW_ANY"),
+        meta=entry.meta() if entry.label != "MeshConfig" else None,
+    )
+
+
+def _service_entry(s: Session, e: Entry, b: Build) -> ServiceEntry | None:
+    spec = e.spec
+    hosts: list[str] = spec["hosts"]
+    if not hosts:
+        b("spec.hosts", "must list at least one host")
+    for i, host in enumerate(hosts):
+        path = f"spec.hosts[{i}]"
+        if not host:
+            b(path, "must not be empty")
+        elif "*" in host:
+            b(path, "wildcard hosts are not supported yet")
+        elif host in hosts[:i]:
+            b(path, f"host {host} is listed twice")
+        elif host in s.services:
+            other = s.services[host].meta
+            b(path, f"host {host} is already declared by {other.resource} in {other.file}")
+    for i, address in enumerate(spec.get("addresses", [])):
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            b(f"spec.addresses[{i}]", f"{address!r} is not an IP address or CIDR range")
+    ports: list[ServicePort] = []
+    raw_ports: list[dict[str, Any]] = spec.get("ports", [])
+    for i, raw in enumerate(raw_ports):
+        path = f"spec.ports[{i}]"
+        if any(other["number"] == raw["number"] for other in raw_ports[:i]):
+            b(f"{path}.number", f"port {raw['number']} is listed twice")
+        if any(other["name"] == raw["name"] for other in raw_ports[:i]):
+            b(f"{path}.name", f"port name {raw['name']!r} is listed twice")
+        proto = protocol(raw, path, b)
+        if proto is not None:
+            ports.append(ServicePort(raw["number"], raw["name"], proto, raw.get("targetPort")))
+    resolution = Resolution(spec.get("resolution", "NONE"))
+    raw_endpoints: list[dict[str, Any]] = spec.get("endpoints", [])
+    selector = spec.get("workloadSelector")
+    if resolution is Resolution.NONE:
+        if raw_endpoints:
+            b(
+                "spec.endpoints",
+                "endpoints need resolution STATIC (NONE forwards to the original destination)",
+            )
+        if selector is not None:
+            b("spec.workloadSelector", "workloadSelector needs resolution STATIC")
+    elif raw_endpoints and selector is not None:
+        b("spec.workloadSelector", "set endpoints or workloadSelector, not both")
+    names = {raw["name"] for raw in raw_ports}
+    endpoints: list[Workload] = []
+    for i, raw in enumerate(raw_endpoints):
+        path = f"spec.endpoints[{i}]"
+        for port_name in raw.get("ports", {}):
+            if port_name not in names:
+                b(child(f"{path}.ports", port_name), f"no port named {port_name!r} in spec.ports")
+        endpoints.append(workload(raw, path, b, "", need_address=True))
+    if b.failed:
+        s.broken_hosts.update(hosts)  # references to them would only echo this problem
+        return None
+    entry = ServiceEntry(
+        meta=e.meta(),
+        hosts=tuple(hosts),
+        ports=tuple(ports),
+        resolution=resolution,
+        addresses=tuple(spec.get("addresses", [])),
+        location=spec.get("location", "MESH_EXTERNAL"),
+        endpoints=tuple(endpoints),
+        workload_selector=frozen_map(selector.get("labels")) if selector is not None else None,
+        export_to=tuple(spec.get("exportTo", [])),
+    )
+    for host in hosts:
+        s.services[host] = entry
+    return entry
+
+
+def _workload_group(e: Entry, b: Build) -> WorkloadGroup | None:
+    template = workload(e.spec["template"], "spec.template", b, "", need_address=False)
+    if b.failed:
+        return None
+    labels = e.spec.get("metadata", {}).get("labels")
+    return WorkloadGroup(e.meta(), frozen_map(labels), template)

@@ -1,0 +1,163 @@
+"""The selected Sidecar's ingress and egress entries -> Listeners (explicit mode).
+
+Owns: listener names and addresses, the HTTP connection manager and TCP
+proxy filter configs, and which upstream a TCP egress port forwards to. It
+must not build route tables (`routes.py`) or clusters (`clusters.py`); like
+`routes.py` it reports the (host, port) pairs it references.
+
+Rules:
+- Egress "bind_port" (bind default 127.0.0.1), OUTBOUND. HTTP ports use RDS
+  with route_config_name = the port. TCP ports forward to: the one visible
+  VirtualService tcp route that applies to the port (its match lists the
+  port, or it has no port match and one of its hosts has the port); else the
+  one visible ServiceEntry host with that port. None or several is a
+  problem on the Sidecar's egress entry.
+- Ingress "bind_port" (bind default 0.0.0.0), INBOUND, to inbound|port||.
+  HTTP ports carry their (one-route) table inline.
+- An egress entry without a port makes no listener; it only scopes which
+  hosts the node sees.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import wrappers_pb2
+
+from control.translate.errors import Problem
+from control.translate.model import (
+    EgressListener,
+    IngressListener,
+    Protocol,
+    Sidecar,
+    TcpRoute,
+    VirtualService,
+)
+from control.translate.protos import ads, network_filter, packed, socket_address
+from control.translate.routes import Reference, inbound_route_table
+from control.translate.scope import Scope, cluster_name
+
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
+ROUTER_FILTER = "envoy.filters.http.router"
+
+
+def build_listeners(
+    scope: Scope, problems: list[Problem]
+) -> tuple[list[listener_pb2.Listener], set[Reference]]:
+    """The node's listeners (none without a Sidecar) and the (host, port) pairs TCP ones forward to."""
+    sidecar = scope.sidecar
+    listeners: list[listener_pb2.Listener] = []
+    referenced: set[Reference] = set()
+    if sidecar is None:
+        return listeners, referenced
+    for ingress in sidecar.ingress:
+        listeners.append(_ingress(ingress))
+    for egress in sidecar.egress:
+        if egress.port is None:
+            continue
+        port = egress.port.number
+        bind = egress.bind or "127.0.0.1"
+        if egress.port.protocol is Protocol.HTTP:
+            config = http_connection_manager(f"outbound_{bind}_{port}", rds=str(port))
+            chain = network_filter(HCM_FILTER, config)
+        else:
+            found = _tcp_target(scope, sidecar, egress, port, problems)
+            if found is None:
+                continue
+            cluster, reference = found
+            referenced.add(reference)
+            chain = network_filter(TCP_PROXY_FILTER, tcp_proxy(cluster))
+        listeners.append(_listener(f"{bind}_{port}", bind, port, base_pb2.OUTBOUND, chain))
+    return listeners, referenced
+
+
+def http_connection_manager(
+    stat_prefix: str, *, rds: str = "", route_config: route_pb2.RouteConfiguration | None = None
+) -> hcm.HttpConnectionManager:
+    """Pillion's HCM: AUTO codec, router filter, request ids, normalized paths; routes by RDS or inline."""
+    manager = hcm.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm.HttpConnectionManager.AUTO,
+        http_filters=[hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router()))],
+        use_remote_address=wrappers_pb2.BoolValue(value=False),
+        generate_request_id=wrappers_pb2.BoolValue(value=True),
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+    )
+    if route_config is not None:
+        manager.route_config.CopyFrom(route_config)
+    else:
+        manager.rds.CopyFrom(hcm.Rds(config_source=ads(), route_config_name=rds))
+    return manager
+
+
+def tcp_proxy(cluster: str) -> tcp_proxy_pb2.TcpProxy:
+    return tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster)
+
+
+def _listener(
+    name: str, address: str, port: int, direction: int, chain: listener_components_pb2.Filter
+) -> listener_pb2.Listener:
+    return listener_pb2.Listener(
+        name=name,
+        address=socket_address(address, port),
+        traffic_direction=direction,  # type: ignore[arg-type]
+        filter_chains=[listener_components_pb2.FilterChain(filters=[chain])],
+    )
+
+
+def _ingress(ingress: IngressListener) -> listener_pb2.Listener:
+    port = ingress.port.number
+    bind = ingress.bind or "0.0.0.0"
+    if ingress.port.protocol is Protocol.HTTP:
+        config = http_connection_manager(
+            f"inbound_0.0.0.0_{port}", route_config=inbound_route_table(port)
+        )
+        chain = network_filter(HCM_FILTER, config)
+    else:
+        chain = network_filter(TCP_PROXY_FILTER, tcp_proxy(cluster_name("inbound", port, "", "")))
+    return _listener(f"{bind}_{port}", bind, port, base_pb2.INBOUND, chain)
+
+
+def _tcp_target(
+    scope: Scope, sidecar: Sidecar, egress: EgressListener, port: int, problems: list[Problem]
+) -> tuple[str, Reference] | None:
+    visible = scope.visible(egress)
+    candidates: list[tuple[VirtualService, TcpRoute]] = []
+    services = {(vs.meta.namespace, vs.meta.name): vs for vs in scope.routes.values()}
+    for _, vs in sorted(services.items()):
+        seen_hosts = [h for h in vs.hosts if h in visible]
+        for route in vs.tcp:
+            if route.ports:
+                applies = port in route.ports and bool(seen_hosts)
+            else:
+                applies = any(scope.registry[h].port(port) is not None for h in seen_hosts)
+            if applies:
+                candidates.append((vs, route))
+                break
+    where = f"{egress.path}.hosts"
+    if len(candidates) == 1:
+        vs, route = candidates[0]
+        return scope.destination(vs, route.destination, port, problems)
+    if candidates:
+        names = ", ".join(f"{vs.meta.resource} {route.path}" for vs, route in candidates)
+        message = f"several VirtualService tcp routes apply to port {port}: {names}"
+    else:
+        hosts = [h for h in visible if scope.services[h].port(port) is not None]
+        if len(hosts) == 1:
+            return cluster_name("outbound", port, "", hosts[0]), (hosts[0], port)
+        if hosts:
+            message = (
+                f"port {port} is ambiguous: visible hosts {', '.join(hosts)} all have it; "
+                "narrow hosts or add a VirtualService tcp route"
+            )
+        else:
+            message = f"no visible ServiceEntry host has port {port}"
+    problems.append(Problem(sidecar.meta.file, sidecar.meta.resource, where, message))
+    return None

@@ -1,0 +1,200 @@
+"""VirtualService (and the default route) -> RouteConfiguration, one per HTTP egress port.
+
+Owns: virtual host naming and domains, the translation of HTTP matches,
+destinations, weights and timeouts into Envoy routes, and the inbound
+route table used inline by ingress listeners. It must not decide which
+hosts a node sees (`scope.py`) or build clusters (`clusters.py`); it reports
+which (host, port) pairs its routes reference so clusters can cover them.
+
+Rules:
+- RouteConfiguration name is the port ("9080"); the egress listeners on that
+  port share it, and their visible hosts are merged.
+- One VirtualHost per visible host with that port, named "host:port". Its
+  domains are the host and "host:port", plus the Kubernetes short forms of a
+  "a.b.svc.<domain>" host ("a.b", "a.b.svc", and "a" when the node is in
+  namespace b), each with and without ":port". A domain already used by
+  another virtual host of the table is not repeated (Envoy rejects that);
+  full host names are claimed before short forms.
+- With a VirtualService: one route per http[] entry and match[] entry, in
+  order; nothing after them (as in Istio, a request no rule matches gets 404).
+  Without one (or if it has only tcp routes): a single "/" prefix route to
+  outbound|port||host. A route with no VirtualService timeout gets timeout 0s
+  (disabled), as Istio sets it: Envoy's own default would be 15 s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from google.protobuf import wrappers_pb2
+
+from control.translate.errors import Problem
+from control.translate.model import (
+    HttpMatch,
+    HttpRoute,
+    MatchKind,
+    Protocol,
+    StringMatch,
+    VirtualService,
+)
+from control.translate.protos import duration
+from control.translate.scope import Scope, cluster_name
+
+Reference = tuple[str, int]  # (host, port) a route or listener sends traffic to
+
+
+def http_egress_ports(scope: Scope) -> list[int]:
+    if scope.sidecar is None:
+        return []
+    return sorted(
+        {
+            egress.port.number
+            for egress in scope.sidecar.egress
+            if egress.port is not None and egress.port.protocol is Protocol.HTTP
+        }
+    )
+
+
+def build_routes(
+    scope: Scope, problems: list[Problem]
+) -> tuple[list[route_pb2.RouteConfiguration], set[Reference]]:
+    """The outbound route tables of the node, and the (host, port) pairs they reference."""
+    tables: list[route_pb2.RouteConfiguration] = []
+    referenced: set[Reference] = set()
+    sidecar = scope.sidecar
+    for port in http_egress_ports(scope):
+        hosts: set[str] = set()
+        for egress in sidecar.egress if sidecar is not None else ():
+            if egress.port is not None and egress.port.number == port:
+                hosts.update(scope.visible(egress))
+        with_port = [h for h in sorted(hosts) if scope.services[h].port(port) is not None]
+        tables.append(_route_table(scope, port, with_port, referenced, problems))
+    return tables, referenced
+
+
+def _route_table(
+    scope: Scope, port: int, hosts: list[str], referenced: set[Reference], problems: list[Problem]
+) -> route_pb2.RouteConfiguration:
+    claimed: set[str] = set()
+    for host in hosts:
+        claimed.update((host, f"{host}:{port}"))
+    virtual_hosts = []
+    for host in hosts:
+        domains = [host, f"{host}:{port}"]
+        for short in short_names(host, scope.node.namespace):
+            for domain in (short, f"{short}:{port}"):
+                if domain not in claimed:
+                    claimed.add(domain)
+                    domains.append(domain)
+        vs = scope.routes.get(host)
+        if vs is None or not vs.http:  # a VirtualService with only tcp routes leaves HTTP alone
+            cluster = cluster_name("outbound", port, "", host)
+            referenced.add((host, port))
+            routes = [
+                rc.Route(
+                    name="default",
+                    match=rc.RouteMatch(prefix="/"),
+                    route=rc.RouteAction(cluster=cluster, timeout=duration(0)),
+                )
+            ]
+        else:
+            routes = list(_vs_routes(scope, vs, port, referenced, problems))
+        virtual_hosts.append(rc.VirtualHost(name=f"{host}:{port}", domains=domains, routes=routes))
+    return route_pb2.RouteConfiguration(name=str(port), virtual_hosts=virtual_hosts)
+
+
+def short_names(host: str, namespace: str) -> list[str]:
+    """Kubernetes-style short forms of "a.b.svc.<domain>" as seen from `namespace`."""
+    parts = host.split(".")
+    if len(parts) < 4 or parts[2] != "svc" or not all(parts):
+        return []
+    name, owner = parts[0], parts[1]
+    forms = [f"{name}.{owner}", f"{name}.{owner}.svc"]
+    return [name, *forms] if owner == namespace else forms
+
+
+def _vs_routes(
+    scope: Scope, vs: VirtualService, port: int, referenced: set[Reference], problems: list[Problem]
+) -> Iterable[rc.Route]:
+    for index, http in enumerate(vs.http):
+        action = _action(scope, vs, http, port, referenced, problems)
+        if action is None:
+            continue
+        name = f"{vs.meta.name}.{http.name or index}"
+        for match in http.matches or (HttpMatch(),):
+            yield rc.Route(name=name, match=route_match(match), route=action)
+
+
+def _action(
+    scope: Scope,
+    vs: VirtualService,
+    http: HttpRoute,
+    port: int,
+    referenced: set[Reference],
+    problems: list[Problem],
+) -> rc.RouteAction | None:
+    # Istio drops zero-weight destinations when others remain.
+    chosen = [d for d in http.destinations if d.weight > 0] or list(http.destinations[:1])
+    targets: list[tuple[str, int]] = []
+    for dest in chosen:
+        found = scope.destination(vs, dest, port, problems)
+        if found is None:
+            return None
+        name, reference = found
+        referenced.add(reference)
+        targets.append((name, dest.weight))
+    action = rc.RouteAction()
+    if len(targets) == 1:
+        action.cluster = targets[0][0]
+    else:
+        action.weighted_clusters.CopyFrom(
+            rc.WeightedCluster(
+                clusters=[
+                    rc.WeightedCluster.ClusterWeight(
+                        name=name, weight=wrappers_pb2.UInt32Value(value=weight)
+                    )
+                    for name, weight in targets
+                ]
+            )
+        )
+    action.timeout.CopyFrom(duration(http.timeout if http.timeout is not None else 0))
+    return action
+
+
+def string_matcher(match: StringMatch) -> string_pb2.StringMatcher:
+    if match.kind is MatchKind.EXACT:
+        return string_pb2.StringMatcher(exact=match.value)
+    if match.kind is MatchKind.PREFIX:
+        return string_pb2.StringMatcher(prefix=match.value)
+    return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=match.value))
+
+
+def route_match(match: HttpMatch) -> rc.RouteMatch:
+    result = rc.RouteMatch()
+    uri = match.uri
+    if uri is None or uri.kind is MatchKind.PREFIX:
+        result.prefix = "/" if uri is None else uri.value
+    elif uri.kind is MatchKind.EXACT:
+        result.path = uri.value
+    else:
+        result.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=uri.value))
+    for name, header in match.headers:
+        result.headers.append(rc.HeaderMatcher(name=name, string_match=string_matcher(header)))
+    return result
+
+
+def inbound_route_table(port: int) -> route_pb2.RouteConfiguration:
+    """The inline table of an HTTP ingress listener: everything to the app, no timeout (as Istio)."""
+    cluster = cluster_name("inbound", port, "", "")
+    route = rc.Route(
+        name="default",
+        match=rc.RouteMatch(prefix="/"),
+        route=rc.RouteAction(cluster=cluster, timeout=duration(0)),
+    )
+    return route_pb2.RouteConfiguration(
+        name=cluster,
+        virtual_hosts=[rc.VirtualHost(name=f"inbound|http|{port}", domains=["*"], routes=[route])],
+    )

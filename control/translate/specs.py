@@ -1,0 +1,453 @@
+"""The field tables of the Istio resources Pillion reads, written with `schema.py`.
+
+Owns: which fields each kind's `spec` may have, their types, which are
+required, and which are Istio's but not implemented yet ("not supported yet").
+It must not build objects or check anything that spans fields or documents;
+`istio.py` does that.
+
+Strategy: one constant per Istio message, named after it, composed the way the
+Istio API composes them, so a reader can hold this file next to Istio's
+reference pages. Kinds that are parsed but not enforced yet (security,
+telemetry) are described in full too, so their shape is already checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from control.translate.schema import (
+    Bool,
+    Duration,
+    Enum,
+    Int,
+    ListOf,
+    MapOf,
+    Number,
+    Obj,
+    Spec,
+    Str,
+)
+
+STR = Str()
+BOOL = Bool()
+UINT = Int()
+PORT = Int(1, 65535)
+STRS = ListOf(STR)
+LABELS = MapOf(STR, STR)
+PERCENT = Number(0.0, 100.0)
+DURATION = Duration()
+
+METADATA = Obj(
+    {"name": STR, "namespace": STR, "labels": LABELS, "annotations": LABELS},
+    required=("name",),
+)
+WORKLOAD_SELECTOR = Obj({"labels": LABELS})
+LABEL_SELECTOR = Obj({"matchLabels": LABELS})
+POLICY_TARGET_REFERENCE = Obj(
+    {"group": STR, "kind": STR, "name": STR, "namespace": STR}, required=("kind", "name")
+)
+CAPTURE_MODE = Enum(("DEFAULT", "NONE"), ("IPTABLES",))
+OUTBOUND_TRAFFIC_POLICY = Obj(
+    {"mode": Enum(("REGISTRY_ONLY", "ALLOW_ANY"))}, unsupported=("egressProxy",)
+)
+
+# --- registry ---------------------------------------------------------------
+
+WORKLOAD_ENTRY: Mapping[str, Spec] = {
+    "address": STR,
+    "ports": MapOf(STR, PORT),
+    "labels": LABELS,
+    "network": STR,
+    "locality": STR,
+    "weight": UINT,
+    "serviceAccount": STR,
+}
+SERVICE_PORT = Obj(
+    {"number": PORT, "protocol": STR, "name": STR, "targetPort": PORT},
+    required=("number", "name"),
+)
+SERVICE_ENTRY = Obj(
+    {
+        "hosts": STRS,
+        "addresses": STRS,
+        "ports": ListOf(SERVICE_PORT),
+        "location": Enum(("MESH_EXTERNAL", "MESH_INTERNAL")),
+        "resolution": Enum(("NONE", "STATIC"), ("DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS")),
+        "endpoints": ListOf(Obj(WORKLOAD_ENTRY, required=("address",))),
+        "workloadSelector": WORKLOAD_SELECTOR,
+        "exportTo": STRS,
+    },
+    required=("hosts",),
+    unsupported=("subjectAltNames",),
+)
+WORKLOAD_ENTRY_SPEC = Obj(WORKLOAD_ENTRY)
+
+READINESS_PROBE = Obj(
+    {
+        "initialDelaySeconds": UINT,
+        "timeoutSeconds": UINT,
+        "periodSeconds": UINT,
+        "successThreshold": UINT,
+        "failureThreshold": UINT,
+        "httpGet": Obj(
+            {
+                "path": STR,
+                "port": PORT,
+                "host": STR,
+                "scheme": STR,
+                "httpHeaders": ListOf(Obj({"name": STR, "value": STR})),
+            },
+            required=("port",),
+        ),
+        "tcpSocket": Obj({"host": STR, "port": PORT}, required=("port",)),
+        "exec": Obj({"command": STRS}),
+        "grpc": Obj({"port": PORT, "service": STR}, required=("port",)),
+    }
+)
+WORKLOAD_GROUP = Obj(
+    {
+        "metadata": Obj({"labels": LABELS, "annotations": LABELS}),
+        "template": WORKLOAD_ENTRY_SPEC,
+        "probe": READINESS_PROBE,
+    },
+    required=("template",),
+)
+
+# --- traffic ----------------------------------------------------------------
+
+SIDECAR_PORT = Obj(
+    {"number": PORT, "protocol": STR, "name": STR, "targetPort": PORT}, required=("number",)
+)
+SIDECAR = Obj(
+    {
+        "workloadSelector": WORKLOAD_SELECTOR,
+        "ingress": ListOf(
+            Obj(
+                {
+                    "port": SIDECAR_PORT,
+                    "bind": STR,
+                    "captureMode": CAPTURE_MODE,
+                    "defaultEndpoint": STR,
+                },
+                required=("port",),
+                unsupported=("tls", "connectionPool"),
+            )
+        ),
+        "egress": ListOf(
+            Obj(
+                {"port": SIDECAR_PORT, "bind": STR, "captureMode": CAPTURE_MODE, "hosts": STRS},
+                required=("hosts",),
+            )
+        ),
+        "outboundTrafficPolicy": OUTBOUND_TRAFFIC_POLICY,
+    },
+    unsupported=("inboundConnectionPool",),
+)
+
+STRING_MATCH = Obj({"exact": STR, "prefix": STR, "regex": STR}, one_of=("exact", "prefix", "regex"))
+HTTP_MATCH_REQUEST = Obj(
+    {"name": STR, "uri": STRING_MATCH, "headers": MapOf(STR, STRING_MATCH)},
+    unsupported=(
+        "scheme",
+        "method",
+        "authority",
+        "port",
+        "ignoreUriCase",
+        "withoutHeaders",
+        "queryParams",
+        "sourceLabels",
+        "gateways",
+        "sourceNamespace",
+        "statPrefix",
+    ),
+)
+DESTINATION = Obj(
+    {"host": STR, "subset": STR, "port": Obj({"number": PORT}, required=("number",))},
+    required=("host",),
+)
+HTTP_ROUTE_DESTINATION = Obj(
+    {"destination": DESTINATION, "weight": Int(0, 100)},
+    required=("destination",),
+    unsupported=("headers",),
+)
+HTTP_ROUTE = Obj(
+    {
+        "name": STR,
+        "match": ListOf(HTTP_MATCH_REQUEST),
+        "route": ListOf(HTTP_ROUTE_DESTINATION),
+        "timeout": DURATION,
+    },
+    required=("route",),
+    unsupported=(
+        "redirect",
+        "directResponse",
+        "delegate",
+        "rewrite",
+        "retries",
+        "fault",
+        "mirror",
+        "mirrors",
+        "mirrorPercentage",
+        "mirror_percent",
+        "mirrorPercent",
+        "corsPolicy",
+        "headers",
+    ),
+)
+TCP_ROUTE = Obj(
+    {
+        "match": ListOf(
+            Obj(
+                {"port": PORT},
+                unsupported=("destinationSubnets", "sourceLabels", "gateways", "sourceNamespace"),
+            )
+        ),
+        "route": ListOf(
+            Obj({"destination": DESTINATION, "weight": Int(0, 100)}, required=("destination",))
+        ),
+    },
+    required=("route",),
+)
+VIRTUAL_SERVICE = Obj(
+    {
+        "hosts": STRS,
+        "gateways": STRS,
+        "exportTo": STRS,
+        "http": ListOf(HTTP_ROUTE),
+        "tcp": ListOf(TCP_ROUTE),
+    },
+    required=("hosts",),
+    unsupported=("tls",),
+)
+
+LOAD_BALANCER = Obj(
+    {
+        "simple": Enum(
+            ("ROUND_ROBIN",),
+            ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "LEAST_REQUEST"),
+        )
+    },
+    unsupported=("consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"),
+)
+TRAFFIC_POLICY = Obj(
+    {"loadBalancer": LOAD_BALANCER},
+    unsupported=(
+        "connectionPool",
+        "outlierDetection",
+        "tls",
+        "portLevelSettings",
+        "tunnel",
+        "proxyProtocol",
+        "retryBudget",
+    ),
+)
+DESTINATION_RULE = Obj(
+    {
+        "host": STR,
+        "subsets": ListOf(
+            Obj({"name": STR, "labels": LABELS}, required=("name",), unsupported=("trafficPolicy",))
+        ),
+        "trafficPolicy": TRAFFIC_POLICY,
+        "exportTo": STRS,
+    },
+    required=("host",),
+    unsupported=("workloadSelector",),
+)
+
+# --- security and telemetry (parsed, not enforced yet) -----------------------
+
+_TARGETS: Mapping[str, Spec] = {
+    "selector": LABEL_SELECTOR,
+    "targetRef": POLICY_TARGET_REFERENCE,
+    "targetRefs": ListOf(POLICY_TARGET_REFERENCE),
+}
+AUTHORIZATION_POLICY = Obj(
+    {
+        **_TARGETS,
+        "action": Enum(("ALLOW", "DENY", "AUDIT", "CUSTOM")),
+        "provider": Obj({"name": STR}),
+        "rules": ListOf(
+            Obj(
+                {
+                    "from": ListOf(
+                        Obj(
+                            {
+                                "source": Obj(
+                                    {
+                                        name: STRS
+                                        for name in (
+                                            "principals",
+                                            "notPrincipals",
+                                            "requestPrincipals",
+                                            "notRequestPrincipals",
+                                            "namespaces",
+                                            "notNamespaces",
+                                            "ipBlocks",
+                                            "notIpBlocks",
+                                            "remoteIpBlocks",
+                                            "notRemoteIpBlocks",
+                                            "serviceAccounts",
+                                            "notServiceAccounts",
+                                        )
+                                    }
+                                )
+                            }
+                        )
+                    ),
+                    "to": ListOf(
+                        Obj(
+                            {
+                                "operation": Obj(
+                                    {
+                                        name: STRS
+                                        for name in (
+                                            "hosts",
+                                            "notHosts",
+                                            "ports",
+                                            "notPorts",
+                                            "methods",
+                                            "notMethods",
+                                            "paths",
+                                            "notPaths",
+                                        )
+                                    }
+                                )
+                            }
+                        )
+                    ),
+                    "when": ListOf(
+                        Obj({"key": STR, "values": STRS, "notValues": STRS}, required=("key",))
+                    ),
+                }
+            )
+        ),
+    }
+)
+MTLS_MODE = Obj({"mode": Enum(("UNSET", "DISABLE", "PERMISSIVE", "STRICT"))})
+PEER_AUTHENTICATION = Obj(
+    {"selector": LABEL_SELECTOR, "mtls": MTLS_MODE, "portLevelMtls": MapOf(STR, MTLS_MODE)}
+)
+JWT_RULE = Obj(
+    {
+        "issuer": STR,
+        "audiences": STRS,
+        "jwksUri": STR,
+        "jwks": STR,
+        "fromHeaders": ListOf(Obj({"name": STR, "prefix": STR}, required=("name",))),
+        "fromParams": STRS,
+        "fromCookies": STRS,
+        "outputPayloadToHeader": STR,
+        "forwardOriginalToken": BOOL,
+        "outputClaimToHeaders": ListOf(Obj({"header": STR, "claim": STR})),
+        "timeout": DURATION,
+    },
+    required=("issuer",),
+)
+REQUEST_AUTHENTICATION = Obj({**_TARGETS, "jwtRules": ListOf(JWT_RULE)})
+PROVIDERS = ListOf(Obj({"name": STR}, required=("name",)))
+WORKLOAD_MODE = Obj({"mode": Enum(("CLIENT_AND_SERVER", "CLIENT", "SERVER"))})
+TELEMETRY = Obj(
+    {
+        **_TARGETS,
+        "tracing": ListOf(
+            Obj(
+                {
+                    "match": WORKLOAD_MODE,
+                    "providers": PROVIDERS,
+                    "randomSamplingPercentage": PERCENT,
+                    "disableSpanReporting": BOOL,
+                    "useRequestIdForTraceSampling": BOOL,
+                    "customTags": MapOf(
+                        STR,
+                        Obj(
+                            {
+                                "literal": Obj({"value": STR}),
+                                "environment": Obj({"name": STR, "defaultValue": STR}),
+                                "header": Obj({"name": STR, "defaultValue": STR}),
+                            },
+                            one_of=("literal", "environment", "header"),
+                        ),
+                    ),
+                }
+            )
+        ),
+        "metrics": ListOf(
+            Obj(
+                {
+                    "providers": PROVIDERS,
+                    "reportingInterval": DURATION,
+                    "overrides": ListOf(
+                        Obj(
+                            {
+                                "match": Obj({"metric": STR, "mode": STR, "customMetric": STR}),
+                                "disabled": BOOL,
+                                "tagOverrides": MapOf(
+                                    STR,
+                                    Obj({"operation": Enum(("UPSERT", "REMOVE")), "value": STR}),
+                                ),
+                            }
+                        )
+                    ),
+                }
+            )
+        ),
+        "accessLogging": ListOf(
+            Obj(
+                {
+                    "match": WORKLOAD_MODE,
+                    "providers": PROVIDERS,
+                    "disabled": BOOL,
+                    "filter": Obj({"expression": STR}),
+                }
+            )
+        ),
+    }
+)
+
+# --- mesh-wide settings -------------------------------------------------------
+
+MESH_CONFIG = Obj(
+    {
+        "trustDomain": STR,
+        "rootNamespace": STR,
+        "outboundTrafficPolicy": Obj({"mode": Enum(("REGISTRY_ONLY", "ALLOW_ANY"))}),
+    },
+    unsupported=(
+        "defaultConfig",
+        "enableTracing",
+        "accessLogFile",
+        "accessLogFormat",
+        "accessLogEncoding",
+        "defaultProviders",
+        "extensionProviders",
+        "trustDomainAliases",
+        "caCertificates",
+    ),
+)
+
+# kind -> (API groups it may come from, spec table). MeshConfig is Pillion's own
+# document and takes any apiVersion; see istio.py.
+NETWORKING = ("networking.istio.io",)
+SECURITY = ("security.istio.io",)
+TELEMETRY_GROUP = ("telemetry.istio.io",)
+KINDS: Mapping[str, tuple[tuple[str, ...], Obj]] = {
+    "ServiceEntry": (NETWORKING, SERVICE_ENTRY),
+    "WorkloadEntry": (NETWORKING, WORKLOAD_ENTRY_SPEC),
+    "WorkloadGroup": (NETWORKING, WORKLOAD_GROUP),
+    "Sidecar": (NETWORKING, SIDECAR),
+    "VirtualService": (NETWORKING, VIRTUAL_SERVICE),
+    "DestinationRule": (NETWORKING, DESTINATION_RULE),
+    "AuthorizationPolicy": (SECURITY, AUTHORIZATION_POLICY),
+    "PeerAuthentication": (SECURITY, PEER_AUTHENTICATION),
+    "RequestAuthentication": (SECURITY, REQUEST_AUTHENTICATION),
+    "Telemetry": (TELEMETRY_GROUP, TELEMETRY),
+    "MeshConfig": ((), MESH_CONFIG),
+}
+API_VERSIONS: Mapping[str, tuple[str, ...]] = {
+    "networking.istio.io": ("v1alpha3", "v1beta1", "v1"),
+    "security.istio.io": ("v1beta1", "v1"),
+    "telemetry.istio.io": ("v1alpha1", "v1"),
+}
+UNENFORCED_KINDS = frozenset(
+    {"AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication", "Telemetry"}
+)

@@ -1,0 +1,277 @@
+"""Builders for the traffic kinds: DestinationRule, Sidecar, VirtualService.
+
+Owns: the meaning of their fields beyond shape: host and subset references
+(resolved against the ServiceEntries already built), subset uniqueness,
+Sidecar listener conflicts, default endpoints and egress host patterns, HTTP
+matches, route weights and timeouts, TCP routes. Reports through `Build`;
+returns None for a document with any problem. No files, no xDS.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from control.translate.fields import WILDCARD_BINDS, ip, keep, protocol, regex
+from control.translate.model import (
+    Destination,
+    DestinationRule,
+    EgressListener,
+    HttpMatch,
+    HttpRoute,
+    IngressListener,
+    MatchKind,
+    Sidecar,
+    SidecarPort,
+    StringMatch,
+    Subset,
+    TcpRoute,
+    VirtualService,
+    frozen_map,
+)
+from control.translate.schema import child, parse_duration
+
+if TYPE_CHECKING:
+    from control.translate.istio import Build, Entry, Session
+
+
+def destination_rule(s: Session, e: Entry, b: Build) -> DestinationRule | None:
+    host = s.resolve(e.spec["host"], e.namespace, "spec.host", b)
+    subsets: list[Subset] = []
+    for i, raw in enumerate(e.spec.get("subsets", [])):
+        if any(subset.name == raw["name"] for subset in subsets):
+            b(f"spec.subsets[{i}].name", f"subset {raw['name']!r} is defined twice")
+        subsets.append(Subset(raw["name"], frozen_map(raw.get("labels"))))
+    if host is not None and host in s.rules:
+        other = s.rules[host].meta
+        b(
+            "spec.host",
+            f"host {host} is already configured by {other.resource} in {other.file}; "
+            "merging DestinationRules is not supported yet",
+        )
+    if host is None or b.failed:
+        if host is not None:
+            s.broken_rule_hosts.add(host)
+        return None
+    rule = DestinationRule(e.meta(), host, tuple(subsets), tuple(e.spec.get("exportTo", [])))
+    s.rules[host] = rule
+    return rule
+
+
+# --- Sidecar ----------------------------------------------------------------------
+
+
+def _sidecar_port(raw: dict[str, Any], path: str, b: Build) -> SidecarPort | None:
+    found = protocol(raw, path, b)
+    if found is None:
+        return None
+    return SidecarPort(raw["number"], found, raw.get("name", ""), raw.get("targetPort"))
+
+
+def _default_endpoint(raw: dict[str, Any], path: str, b: Build) -> int:
+    """The app's port on 127.0.0.1 from `defaultEndpoint` (default: the port's targetPort or number)."""
+    value = raw.get("defaultEndpoint")
+    if value is None:
+        return int(raw["port"].get("targetPort") or raw["port"]["number"])
+    if value.startswith("unix://"):
+        b(path, "unix domain socket endpoints are not supported yet")
+        return 0
+    host, _, port = value.rpartition(":")
+    if host not in ("127.0.0.1", "0.0.0.0") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        b(path, f"{value!r} must be 127.0.0.1:PORT or 0.0.0.0:PORT")
+        return 0
+    return int(port)
+
+
+def _egress_host(value: str, path: str, b: Build) -> tuple[str, str] | None:
+    namespace, slash, host = value.partition("/")
+    if not slash or not namespace or not host:
+        b(path, f"{value!r} must be namespace/host, such as ./* or */*")
+        return None
+    if "*" in host and not (host == "*" or (host.startswith("*.") and "*" not in host[2:])):
+        b(path, f"{value!r}: a host pattern is *, *.suffix or a host name")
+        return None
+    return namespace, host
+
+
+def sidecar(s: Session, e: Entry, b: Build) -> Sidecar | None:
+    labels = e.spec.get("workloadSelector", {}).get("labels")
+    selector = frozen_map(labels) if labels else None
+    taken: list[tuple[str, int, str]] = []  # (address, port, field path) of each listener
+
+    def claim(address: str, port: SidecarPort | None, path: str) -> None:
+        if port is None:
+            return
+        for other_address, other_port, other_path in taken:
+            overlap = address == other_address or {address, other_address} & WILDCARD_BINDS
+            if other_port == port.number and overlap:
+                b(
+                    f"{path}.port.number",
+                    f"{address}:{port.number} conflicts with {other_path} ({other_address}:{other_port})",
+                )
+                return
+        taken.append((address, port.number, path))
+
+    ingress: list[IngressListener] = []
+    for i, raw in enumerate(e.spec.get("ingress", [])):
+        path = f"spec.ingress[{i}]"
+        port = _sidecar_port(raw["port"], f"{path}.port", b)
+        bind = raw.get("bind", "")
+        if bind:
+            ip(bind, f"{path}.bind", b)
+        if any(other.port.number == raw["port"]["number"] for other in ingress):
+            b(f"{path}.port.number", f"ingress port {raw['port']['number']} is listed twice")
+        endpoint = _default_endpoint(raw, f"{path}.defaultEndpoint", b)
+        claim(bind or "0.0.0.0", port, path)
+        if port is not None:
+            ingress.append(IngressListener(port, bind, endpoint, path))
+    egress: list[EgressListener] = []
+    for i, raw in enumerate(e.spec.get("egress", [])):
+        path = f"spec.egress[{i}]"
+        port = _sidecar_port(raw["port"], f"{path}.port", b) if "port" in raw else None
+        bind = raw.get("bind", "")
+        if bind:
+            ip(bind, f"{path}.bind", b)
+            if "port" not in raw:
+                b(f"{path}.bind", "bind needs a port")
+        if not raw["hosts"]:
+            b(f"{path}.hosts", "must list at least one namespace/host")
+        hosts = [_egress_host(h, f"{path}.hosts[{j}]", b) for j, h in enumerate(raw["hosts"])]
+        claim(bind or "127.0.0.1", port, path)
+        egress.append(EgressListener(port, bind, tuple(h for h in hosts if h is not None), path))
+    if selector is None:
+        other = s.fallback_sidecars.get(e.namespace)
+        if other is not None:
+            b(
+                "spec.workloadSelector",
+                f"{other.meta.resource} already applies to every workload in namespace "
+                f"{e.namespace}; only one Sidecar without workloadSelector is allowed per namespace",
+            )
+    if b.failed:
+        return None
+    result = Sidecar(e.meta(), selector, tuple(ingress), tuple(egress))
+    if selector is None:
+        s.fallback_sidecars[e.namespace] = result
+    return result
+
+
+# --- VirtualService -------------------------------------------------------------
+
+
+def _string_match(raw: dict[str, Any], path: str, b: Build) -> StringMatch:
+    kind = next(kind for kind in MatchKind if kind.value in raw)
+    if kind is MatchKind.REGEX:
+        regex(raw["regex"], f"{path}.regex", b)
+    return StringMatch(kind, raw[kind.value])
+
+
+def _http_match(raw: dict[str, Any], path: str, b: Build) -> HttpMatch:
+    uri = _string_match(raw["uri"], f"{path}.uri", b) if "uri" in raw else None
+    headers: list[tuple[str, StringMatch]] = []
+    for name, match in raw.get("headers", {}).items():
+        here = child(f"{path}.headers", name)
+        if name != name.lower():
+            b(here, "header names must be lower case")
+        headers.append((name, _string_match(match, here, b)))
+    return HttpMatch(raw.get("name", ""), uri, tuple(headers))
+
+
+def _destination(
+    s: Session, e: Entry, b: Build, raw: dict[str, Any], path: str, weight: int
+) -> Destination | None:
+    host = s.resolve(raw["host"], e.namespace, f"{path}.host", b)
+    if host is None:
+        return None
+    subset: str = raw.get("subset", "")
+    port: int | None = raw.get("port", {}).get("number")
+    if port is not None and s.services[host].port(port) is None:
+        b(f"{path}.port.number", f"host {host} has no port {port}")
+    rule = s.rules.get(host)
+    if subset and (rule is None or all(known.name != subset for known in rule.subsets)):
+        if not s.complete or host in s.broken_rule_hosts or raw["host"] in s.broken_rule_hosts:
+            b.fail_quietly()
+        else:
+            b(f"{path}.subset", f"no DestinationRule for host {host} defines subset {subset!r}")
+    return Destination(host, subset, port, weight, path)
+
+
+def _http_route(s: Session, e: Entry, b: Build, raw: dict[str, Any], path: str) -> HttpRoute:
+    matches = [_http_match(m, f"{path}.match[{j}]", b) for j, m in enumerate(raw.get("match", []))]
+    destinations: list[Destination] = []
+    for j, dest in enumerate(raw["route"]):
+        here = f"{path}.route[{j}].destination"
+        keep(destinations, _destination(s, e, b, dest["destination"], here, dest.get("weight", 0)))
+    if not raw["route"]:
+        b(f"{path}.route", "must list at least one destination")
+    elif len(raw["route"]) > 1 and sum(dest.get("weight", 0) for dest in raw["route"]) == 0:
+        b(
+            f"{path}.route",
+            "several destinations need weights (relative shares, usually summing to 100)",
+        )
+    timeout = parse_duration(raw["timeout"]) if "timeout" in raw else None
+    return HttpRoute(raw.get("name", ""), tuple(matches), tuple(destinations), timeout)
+
+
+def _tcp_route(s: Session, e: Entry, b: Build, raw: dict[str, Any], path: str) -> TcpRoute | None:
+    match = raw.get("match", [])
+    every_port = not match or any("port" not in m for m in match)
+    ports = () if every_port else tuple(m["port"] for m in match)
+    if len(raw["route"]) != 1:
+        if len(raw["route"]) > 1:
+            b(f"{path}.route", "weighted TCP routes (several destinations) are not supported yet")
+        else:
+            b(f"{path}.route", "must list one destination")
+        return None
+    dest = raw["route"][0]
+    here = f"{path}.route[0].destination"
+    destination = _destination(s, e, b, dest["destination"], here, dest.get("weight", 0))
+    return TcpRoute(ports, destination, path) if destination is not None else None
+
+
+def virtual_service(s: Session, e: Entry, b: Build) -> VirtualService | None:
+    spec = e.spec
+    for i, gateway in enumerate(spec.get("gateways", [])):
+        if gateway != "mesh":
+            b(
+                f"spec.gateways[{i}]",
+                f"gateway {gateway!r} is not supported yet; only mesh (the sidecars) is",
+            )
+    hosts: list[str] = []
+    for i, raw in enumerate(spec["hosts"]):
+        path = f"spec.hosts[{i}]"
+        if "*" in raw:
+            b(path, "wildcard hosts are not supported yet")
+            continue
+        host = s.resolve(raw, e.namespace, path, b)
+        if host is None:
+            continue
+        if host in hosts:
+            b(path, f"host {host} is listed twice")
+        elif host in s.routed:
+            other = s.routed[host].meta
+            b(
+                path,
+                f"host {host} is already routed by {other.resource} in {other.file}; "
+                "merging VirtualServices is not supported yet",
+            )
+        else:
+            hosts.append(host)
+    if not spec["hosts"]:
+        b("spec.hosts", "must list at least one host")
+    http = [
+        _http_route(s, e, b, raw, f"spec.http[{i}]") for i, raw in enumerate(spec.get("http", []))
+    ]
+    tcp = [_tcp_route(s, e, b, raw, f"spec.tcp[{i}]") for i, raw in enumerate(spec.get("tcp", []))]
+    if not http and not tcp:
+        b("spec", "a VirtualService needs http or tcp routes")
+    if b.failed:
+        return None
+    result = VirtualService(
+        e.meta(),
+        tuple(hosts),
+        tuple(http),
+        tuple(r for r in tcp if r is not None),
+        tuple(spec.get("exportTo", [])),
+    )
+    for host in hosts:
+        s.routed[host] = result
+    return result
