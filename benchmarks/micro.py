@@ -17,7 +17,6 @@ parse of the same request by httptools alone (the floor).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys

@@ -49,6 +49,7 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_active",
         "_closing",
+        "_deferred_error",
         "_eof",
         "_hbytes",
         "_idle_tick",
@@ -88,6 +89,7 @@ class HttpConnection(asyncio.Protocol):
         self._eof = False
         self._tunnel: UpstreamConnection | None = None
         self._upgrading: Stream | None = None  # an Upgrade request waiting for its 101
+        self._deferred_error: ProxyError | None = None  # a parse error behind a request still being served
         self._idle_tick = ctx.tick
         # per-request
         self._parsing: Stream | None = None  # the request httptools is filling
@@ -118,6 +120,7 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading()
             return
         self._in_feed = True
+        err: ProxyError | None = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -126,18 +129,16 @@ class HttpConnection(asyncio.Protocol):
                 st.upgrade_rest = data[e.args[0]:] if e.args else b""
                 self.pause_reading()
         except httptools.HttpParserCallbackError as e:
-            self._in_feed = False
-            err = e.__context__
-            self._protocol_error(err if isinstance(err, ProxyError) else DownstreamProtocolError())
-            if not isinstance(err, ProxyError):
-                log.exception("bug in a request callback", exc_info=err)
-            return
+            cause = e.__context__
+            if not isinstance(cause, ProxyError):
+                log.error("bug in a request callback", exc_info=cause)
+            err = cause if isinstance(cause, ProxyError) else DownstreamProtocolError()
         except httptools.HttpParserError:
-            self._in_feed = False
-            self._protocol_error(DownstreamProtocolError())
-            return
+            err = DownstreamProtocolError()
         finally:
             self._in_feed = False
+        if err is not None:
+            self._protocol_error(err)
         st = self._active
         if st is not None:
             st.flush_upstream()
@@ -145,12 +146,20 @@ class HttpConnection(asyncio.Protocol):
             self.flush()
 
     def eof_received(self) -> bool:
-        if self._tunnel is not None:
-            self._tunnel.write_eof()
+        tun = self._tunnel
+        if tun is not None:
+            self._eof = True
+            if tun.tunnel_done_writing:
+                return False  # both directions finished: close (connection_lost closes the upstream)
+            tun.write_eof()
             return True
         self._eof = True
-        if self._active is None:
+        st = self._active
+        if st is None:
             return False  # nothing in flight: close
+        if not st.req_complete or self._parsing is not None:
+            # The client went away mid-request: Envoy resets the upstream exchange (DC).
+            return False
         self._closing = True
         return True  # keep our side open to finish the response
 
@@ -253,15 +262,20 @@ class HttpConnection(asyncio.Protocol):
             return
         self._active = None
         self._idle_tick = self.ctx.tick
-        if close or self._closing or self.ctx.draining:
-            self._close_after_flush()
-            return
-        if self._pending:
+        if self._pending and not close:
             nxt = self._pending.popleft()
             self._activate(nxt)
             if self._active is nxt:
                 nxt.flush_upstream()
-        if not self._pending and (self._active is None or self._active.buffered <= HIGH_WATER):
+            return
+        if self._deferred_error is not None and not close:
+            err, self._deferred_error = self._deferred_error, None
+            self.local_reply(None, err)
+            return
+        if close or self._closing or self.ctx.draining:
+            self._close_after_flush()
+            return
+        if self._active is None or self._active.buffered <= HIGH_WATER:
             self.resume_reading()
 
     def start_tunnel(self, upstream: UpstreamConnection) -> None:
@@ -275,10 +289,15 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    def tunnel_eof(self) -> None:
+    def tunnel_eof(self) -> bool:
+        """The upstream finished sending; returns whether the upstream side stays open."""
         t = self.transport
+        if self._eof:
+            self._close_after_flush()  # both directions finished
+            return False
         if t is not None and t.can_write_eof():
             t.write_eof()
+        return True
 
     def tunnel_closed(self) -> None:
         self._tunnel = None
@@ -346,14 +365,17 @@ class HttpConnection(asyncio.Protocol):
         self._parsing = None
         if st is not None:
             st.discard_request()  # none of its bytes go upstream
-        active = self._active
-        if active is not None and active is not st:
-            # A pipelined request behind a live one is broken: nothing sane to answer.
-            self.abort()
+            if st in self._pending:
+                self._pending.remove(st)
+        self.pause_reading()
+        if self._active is not None and self._active is not st:
+            # Requests pipelined ahead of the broken one are answered first (as Envoy
+            # does); the error reply follows them, then the connection closes.
+            self._deferred_error = err
             return
+        self._closing = True
         self._active = None
         self._pending.clear()
-        self._closing = True
         self.local_reply(None, err)
 
     # ------------------------------------------------------------------ flow, lifecycle
@@ -363,7 +385,8 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None and not self._closing:
+        if (self._read_paused and self.transport is not None and not self._closing
+                and self._deferred_error is None):
             self._read_paused = False
             self.transport.resume_reading()
 

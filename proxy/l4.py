@@ -132,7 +132,11 @@ class TcpDownstream(asyncio.Protocol):
         if t is not None:
             t.write(data)
         else:
+            # Still connecting. (uvloop starts reading right after connection_made, so
+            # the pause there is not enough): bound what is held here.
             self._pending.append(data)
+            if self.rx > HIGH_WATER and self.transport is not None:
+                self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._down_eof = True
@@ -190,10 +194,9 @@ class TcpDownstream(asyncio.Protocol):
         return True
 
     def upstream_lost(self, exc: Exception | None) -> None:
-        up = self.upstream
         self.upstream = None
         self.up_t = None
-        if up is not None and self.stats is not None:
+        if self.stats is not None:
             self.stats.cx_active -= 1
         t = self.transport
         if t is not None:

@@ -113,7 +113,8 @@ class Stream:
     def prepare(self) -> None:
         """Validate the head and build the bytes sent upstream. Raises DownstreamProtocolError."""
         url = self.url
-        if url[:1] != b"/":
+        absolute = url[:1] != b"/"
+        if absolute:
             url = self._origin_form(url)
         self.path = url
         hdrs = self.hdrs
@@ -136,6 +137,11 @@ class Stream:
             host = b""
         if not self.host:
             self.host = host.lower()
+        elif absolute and self.host != b"*":
+            # RFC 9112 section 3.2.2: the target's authority replaces the Host header.
+            parts = parts[:4] + [p for i in range(4, len(parts), 4)
+                                 if parts[i].lower() != b"host" for p in parts[i:i + 4]]
+            parts += (b"host: ", self.host, b"\r\n")
         conn_hdr = hdrs.get(b"connection")
         if conn_hdr is not None:
             extra = {t.strip().lower() for t in conn_hdr.split(b",")} - _KNOWN_TOKENS

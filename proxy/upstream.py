@@ -51,7 +51,7 @@ class TunnelPeer(Protocol):
     """The downstream side of an upgraded (spliced) connection."""
 
     def tunnel_write(self, data: bytes) -> None: ...
-    def tunnel_eof(self) -> None: ...
+    def tunnel_eof(self) -> bool: ...
     def tunnel_closed(self) -> None: ...
     def pause_downstream(self) -> None: ...
     def resume_downstream(self) -> None: ...
@@ -60,7 +60,7 @@ class TunnelPeer(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_headers", "_reason", "closed", "exchange", "head_only", "parser", "pool", "reader_paused",
-        "transport", "tunnel", "uses", "writer_paused",
+        "transport", "tunnel", "tunnel_done_writing", "uses", "writer_paused",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -73,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reader_paused = False
         self.writer_paused = False
         self.tunnel: TunnelPeer | None = None  # the downstream, once an Upgrade succeeded
+        self.tunnel_done_writing = False  # the upstream sent its FIN on the tunnel
         # per-exchange
         self.exchange: Exchange | None = None
         self.head_only = False
@@ -110,8 +111,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.tunnel is not None:
-            self.tunnel.tunnel_eof()
-            return True  # half-close: the other direction may still flow
+            self.tunnel_done_writing = True
+            return self.tunnel.tunnel_eof()  # half-close unless the client is done too
         return False  # close our side too; connection_lost finishes the exchange
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -13,14 +13,23 @@ byte it received, per connection, and answers by path:
 - ``/ws``              101 Switching Protocols, then echoes raw bytes
 - anything else        200 ``hello from <name>`` with the request's head echoed in headers
 
-``TcpEcho`` echoes, ``TcpSink`` counts; both support half-close.
+``UpstreamState.wait_for(pred)`` waits (with a deadline) until a predicate
+over the recorded state holds; ``body_started`` is set at the first request
+body byte (before the request is complete), so a test can prove streaming.
+
+``TcpServer`` echoes or counts (``echo=False``), supports half-close, keeps a
+SHA-256 of what it received and can start with reading paused
+(``paused=True``, then ``resume()``) to exercise backpressure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
@@ -48,10 +57,24 @@ class UpstreamState:
     requests: list[SeenRequest] = field(default_factory=list)
     connections: int = 0
     request_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    body_started: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # pulsed on every recorded event
+    transports: list[asyncio.Transport] = field(default_factory=list)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def all_bytes(self) -> bytes:
         return b"".join(bytes(r) for r in self.raw)
+
+    def touch(self) -> None:
+        self.changed.set()
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float = 2.0) -> None:
+        """Return once ``pred()`` holds; TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while not pred():
+                self.changed.clear()
+                await self.changed.wait()
 
 
 class _Conn(asyncio.Protocol):
@@ -68,9 +91,12 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.state.transports.append(transport)
+        self.state.touch()
 
     def data_received(self, data: bytes) -> None:
         self.raw += data
+        self.state.touch()
         if self.tunnel:
             assert self.transport is not None
             self.transport.write(data)
@@ -108,6 +134,7 @@ class _Conn(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         assert self.cur is not None
         self.cur.body += body
+        self.state.body_started.set()
 
     def on_message_complete(self) -> None:
         req = self.cur
@@ -115,7 +142,10 @@ class _Conn(asyncio.Protocol):
         self.state.requests.append(req)
         self.state.request_seen.set()
         keep = self.parser.should_keep_alive()
-        asyncio.get_running_loop().create_task(self.respond(req, keep))
+        task = asyncio.get_running_loop().create_task(self.respond(req, keep))
+        self.state.tasks.add(task)
+        task.add_done_callback(self.state.tasks.discard)
+        self.state.touch()
 
     async def respond(self, req: SeenRequest, keep: bool) -> None:
         t = self.transport
@@ -173,6 +203,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.state.touch()
 
 
 class RecordingUpstream:
@@ -188,6 +219,10 @@ class RecordingUpstream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for task in list(self.state.tasks):
+            task.cancel()
+        for t in self.state.transports:
+            t.abort()
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
@@ -202,36 +237,72 @@ class _Echo(asyncio.Protocol):
     def __init__(self, owner: TcpServer) -> None:
         self.owner = owner
         self.transport: asyncio.Transport | None = None
+        self.held: list[bytes] = []  # reads taken while paused, replayed by resume()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.owner.connections += 1
+        self.owner.transports.append(transport)
+        self.owner.protocols.append(self)
+        # uvloop starts reading after connection_made, so pausing here would not stick:
+        # a paused server pauses at its first read instead and holds that read.
+        self.owner.changed.set()
+
+    def resume(self) -> None:
+        held, self.held = self.held, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        for data in held:
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
+        if self.owner.paused:
+            self.held.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self.owner.changed.set()
+            return
         self.owner.received += len(data)
+        self.owner.sha.update(data)
         if self.owner.echo and self.transport is not None:
             self.transport.write(data)
+        self.owner.changed.set()
 
     def eof_received(self) -> bool:
         self.owner.eofs += 1
         self.owner.eof_event.set()
+        self.owner.changed.set()
         if self.transport is not None:
             if self.owner.reply_on_eof:
                 self.transport.write(self.owner.reply_on_eof)
             self.transport.write_eof()
         return True
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.owner.closed += 1
+        self.owner.changed.set()
+
 
 class TcpServer:
-    """``echo=True``: echo everything; else a sink. On EOF: optional reply, then FIN."""
+    """``echo=True``: echo everything; else a sink. On EOF: optional reply, then FIN.
 
-    def __init__(self, echo: bool = True, reply_on_eof: bytes = b"") -> None:
+    ``paused=True`` accepts connections without reading from them until ``resume()``.
+    """
+
+    def __init__(self, echo: bool = True, reply_on_eof: bytes = b"", paused: bool = False) -> None:
         self.echo = echo
         self.reply_on_eof = reply_on_eof
+        self.paused = paused
         self.received = 0
+        self.sha = hashlib.sha256()
         self.connections = 0
+        self.closed = 0
         self.eofs = 0
         self.eof_event = asyncio.Event()
+        self.changed = asyncio.Event()  # pulsed on every connection, read, EOF and close
+        self.transports: list[asyncio.Transport] = []
+        self.protocols: list[_Echo] = []
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -242,5 +313,43 @@ class TcpServer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for t in self.transports:
+            t.abort()
         if self.server is not None:
             self.server.close()
+
+    def resume(self) -> None:
+        """Start reading on every accepted connection (and on later ones)."""
+        self.paused = False
+        for proto in self.protocols:
+            proto.resume()
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float = 2.0) -> None:
+        """Return once ``pred()`` holds; TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while not pred():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+class UnacceptingListener:
+    """A listening port whose accept queue is full, so a connect to it stays pending.
+
+    Linux drops a SYN when the listener's accept queue is full; with a backlog of
+    0 one never-accepted connection fills it. Connects then hang (the kernel
+    retries the SYN after 1 s, 3 s, ...) until this is closed.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = int(self.listener.getsockname()[1])
+        self.filler = socket.create_connection(("127.0.0.1", self.port))
+
+    def __enter__(self) -> UnacceptingListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.filler.close()
+        self.listener.close()

@@ -124,7 +124,9 @@ def test_unsupported_cluster_settings_are_refused():
 def test_listener_needs_its_route_config_and_unique_address():
     from envoy.config.listener.v3 import listener_pb2
     from envoy.extensions.filters.http.router.v3 import router_pb2
-    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
 
     def listener(name: str, port: int) -> listener_pb2.Listener:
         ln = listener_pb2.Listener(name=name)

@@ -205,6 +205,7 @@ def test_concurrency_two_workers_share_listeners_and_stats(tmp_path):
                     for i in range(n)))
                 assert all(r.status == 200 for r in results)
                 status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/stats/prometheus")
+                assert status == 200
                 total = sum(
                     s.value for f in text_string_to_metric_families(body.decode()) if f.name == "istio_requests"
                     for s in f.samples if s.labels.get("response_code") == "200")
@@ -239,3 +240,23 @@ def test_cli_help_and_unknown_command():
 
     r = subprocess.run([sys.executable, "-m", "proxy", "nope"], cwd=REPO, capture_output=True, timeout=20)
     assert r.returncode == 2 and b"unknown command" in r.stderr
+
+
+async def test_drain_closes_idle_keepalives_and_finishes_in_flight(tmp_path):
+    async with RecordingUpstream("one") as one:
+        port = free_port()
+        write(tmp_path, simple_mesh(port, [one.port]))
+        async with standalone_proxy(tmp_path, drain_seconds=5) as px:
+            idle = await RawClient.connect(port)
+            assert (await idle.request("GET", "/", HOST)).status == 200
+            busy = await RawClient.connect(port)
+            await busy.send(f"GET /slow?ms=300 HTTP/1.1\r\nhost: {HOST}\r\n\r\n".encode())
+            one.state.request_seen.clear()
+            await asyncio.wait_for(one.state.request_seen.wait(), 5)
+            px.supervisor.quit()
+            assert await idle.eof(timeout=2.0)  # the idle keep-alive is closed at once
+            status, body = await px.admin_get("/ready")  # still draining: the slow request is in flight
+            assert status == 503 and body == b"DRAINING\n"
+            r = await busy.response(timeout=5)
+            assert r.status == 200 and r.header("connection") == "close"
+            assert await busy.eof(timeout=2.0)
