@@ -300,13 +300,16 @@ def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.
         raise ctx.fail(path, "rds or route_config is required")
     max_kb = hcm.max_request_headers_kb.value if hcm.HasField("max_request_headers_kb") else 60
     idle = ENVOY_DEFAULT_IDLE_TIMEOUT
+    max_count = 100
     if hcm.HasField("common_http_protocol_options"):
         cho = hcm.common_http_protocol_options
-        _only(ctx, cho, {"idle_timeout"}, f"{path}.common_http_protocol_options")
+        _only(ctx, cho, {"idle_timeout", "max_headers_count"}, f"{path}.common_http_protocol_options")
         if cho.HasField("idle_timeout"):
             idle = _seconds(cho.idle_timeout)
+        if cho.HasField("max_headers_count"):
+            max_count = cho.max_headers_count.value
     gen = hcm.generate_request_id.value if hcm.HasField("generate_request_id") else True
-    return model.HttpSettings(hcm.stat_prefix, rc_name, max_kb * 1024, idle, gen, True)
+    return model.HttpSettings(hcm.stat_prefix, rc_name, max_kb * 1024, max_count, idle, gen, True)
 
 
 # ---------------------------------------------------------------- clusters

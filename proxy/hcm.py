@@ -66,6 +66,7 @@ class HttpConnection(asyncio.Protocol):
         "listener",
         "lstats",
         "max_header_bytes",
+        "max_header_count",
         "parser",
         "transport",
         "write_paused",
@@ -78,6 +79,7 @@ class HttpConnection(asyncio.Protocol):
         self.listener = listener
         self.lstats = lstats
         self.max_header_bytes = listener.http.max_request_headers_bytes
+        self.max_header_count = listener.http.max_request_headers_count
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b""
@@ -214,9 +216,10 @@ class HttpConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         st = self._parsing
         assert st is not None
-        st.raw_headers.append((name, value))
+        headers = st.raw_headers
+        headers.append((name, value))
         self._hbytes += len(name) + len(value) + 4
-        if self._hbytes > self.max_header_bytes:
+        if self._hbytes > self.max_header_bytes or len(headers) > self.max_header_count:
             raise HeadersTooLargeError()
 
     def on_headers_complete(self) -> None:

@@ -149,6 +149,7 @@ class HttpSettings:
     stat_prefix: str
     route_config_name: str  # key into Snapshot.routes (inline configs are stored there too)
     max_request_headers_bytes: int = 60 * 1024  # Envoy's max_request_headers_kb default
+    max_request_headers_count: int = 100  # Envoy's common_http_protocol_options.max_headers_count default
     idle_timeout: float = 3600.0  # downstream keep-alive idle timeout; 0 disables
     generate_request_id: bool = True
     forward_client_address: bool = True

@@ -103,6 +103,12 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as e:
             rest = data[e.args[0]:] if e.args else b""
             ex.on_upstream_upgrade(rest)
+        except httptools.HttpParserCallbackError as e:
+            # Not the peer's fault: a bug on our side. Log it, reset this exchange, keep serving.
+            log.error("bug while relaying a response", exc_info=e.__context__)
+            self.abort()
+            ex.on_upstream_error(UpstreamProtocolError())
+            return
         except httptools.HttpParserError:
             self.abort()
             ex.on_upstream_error(UpstreamProtocolError())

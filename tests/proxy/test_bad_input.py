@@ -143,3 +143,22 @@ async def test_protocol_errors_are_counted(tmp_path):
         _, body = await s.proxy.admin_get("/stats/prometheus")
         lines = [ln for ln in body.decode().splitlines() if ln.startswith("envoy_listener_downstream_protocol_error{")]
         assert any(ln.endswith(" 2") and f"_{s.port}" in ln for ln in lines), lines
+
+
+async def test_more_than_100_headers_is_431_and_never_forwarded(tmp_path):
+    """Envoy's default max_headers_count is 100; one more is refused like oversized headers."""
+    from tests.helpers.config import HOST, simple_mesh, write
+    from tests.helpers.net import free_port, one_request, standalone_proxy
+    from tests.helpers.upstreams import RecordingUpstream
+
+    async with RecordingUpstream("u") as up:
+        port = free_port()
+        write(tmp_path, simple_mesh(port, [up.port]))
+        async with standalone_proxy(tmp_path):
+            many = "".join(f"x-h{i}: v\r\n" for i in range(100))
+            r = await one_request(port, f"GET /many HTTP/1.1\r\nhost: {HOST}\r\n{many}\r\n".encode())
+            assert r.status == 431 and not r.keep_alive
+            ok = "".join(f"x-h{i}: v\r\n" for i in range(99))
+            r = await one_request(port, f"GET /fine HTTP/1.1\r\nhost: {HOST}\r\n{ok}\r\n".encode())
+            assert r.status == 200
+            assert [q.path for q in up.requests] == ["/fine"]
