@@ -15,7 +15,7 @@ import sys
 
 from proxy.options import ProxyOptions
 
-CONTROL_COMMANDS = ("validate", "demo")
+CONTROL_COMMANDS = ("control", "validate", "demo")
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -32,7 +32,7 @@ def proxy_parser(prog: str = "pillion proxy") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Run a Pillion sidecar proxy.")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--config-dir", help="standalone mode: a directory of Istio YAML")
-    src.add_argument("--xds", metavar="HOST:PORT", help="follow a control server (not available yet)")
+    src.add_argument("--xds", metavar="HOST:PORT", help="follow a control server over ADS (e.g. 127.0.0.1:15010)")
     ap.add_argument("--admin-port", type=int, default=15000, help="admin API port on 127.0.0.1 (0: any free port)")
     ap.add_argument("--admin-address", default="127.0.0.1")
     ap.add_argument("--status-port", type=int, default=None, help="also serve /healthz/ready here (Istio: 15021)")
@@ -44,21 +44,21 @@ def proxy_parser(prog: str = "pillion proxy") -> argparse.ArgumentParser:
     ap.add_argument("--labels", type=_labels, default={}, help="this workload's labels: app=x,version=v1")
     ap.add_argument("--name", default="", help="this workload's name (default: its app label)")
     ap.add_argument("--service-account", default="default")
+    ap.add_argument("--workload-group", default="", help="xDS: register as a member of this WorkloadGroup")
+    ap.add_argument("--instance-ip", default="127.0.0.1", help="xDS: this workload's address")
     ap.add_argument("--no-watch", action="store_true", help="do not reload the config dir on change")
     return ap
 
 
 def run_proxy(argv: list[str]) -> int:
     args = proxy_parser().parse_args(argv)
-    if args.xds:
-        print("pillion proxy: --xds needs the control plane, which is not built yet; use --config-dir", file=sys.stderr)
-        return 2
     opts = ProxyOptions(
-        config_dir=args.config_dir, admin_address=args.admin_address, admin_port=args.admin_port,
+        config_dir=args.config_dir, xds=args.xds, admin_address=args.admin_address, admin_port=args.admin_port,
         status_port=args.status_port, prometheus_port=args.prometheus_port,
         concurrency=max(1, args.concurrency), drain_seconds=args.drain_seconds, log_level=args.log_level,
         namespace=args.namespace, labels=args.labels, node_name=args.name,
-        service_account=args.service_account, watch=not args.no_watch,
+        service_account=args.service_account, workload_group=args.workload_group,
+        instance_ip=args.instance_ip, watch=not args.no_watch,
     )
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -72,7 +72,8 @@ def run_proxy(argv: list[str]) -> int:
 USAGE = """usage: pillion <command> [options]
 
 commands:
-  proxy      run a sidecar proxy (standalone: --config-dir DIR)
+  proxy      run a sidecar proxy (standalone: --config-dir DIR; or --xds HOST:PORT)
+  control    run the control server (ADS on 15010); `pillion control status` lists proxies
   validate   check a directory of Istio YAML
   demo       run a local demo: an app behind a sidecar, with traffic
 """

@@ -383,6 +383,24 @@ def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.Cluster
 
 # ---------------------------------------------------------------- snapshot
 
+def validate_resource(msg: Message) -> None:
+    """Check one resource on its own (the checks that do not need the others). Raises InvalidResource."""
+    if isinstance(msg, listener_pb2.Listener):
+        _listener(msg, {})
+    elif isinstance(msg, route_pb2.RouteConfiguration):
+        if not msg.name:
+            raise InvalidResource("RouteConfiguration", "", "name", "required")
+        compile_route_config(msg)
+    elif isinstance(msg, cluster_pb2.Cluster):
+        _cluster(msg, {})
+    elif isinstance(msg, endpoint_pb2.ClusterLoadAssignment):
+        if not msg.cluster_name:
+            raise InvalidResource("ClusterLoadAssignment", "", "cluster_name", "required")
+        _endpoints(_Ctx("ClusterLoadAssignment", msg.cluster_name), msg, "")
+    else:
+        raise InvalidResource(type(msg).__name__, "", "", "unsupported resource type")
+
+
 def compile_snapshot(res: XdsResources, version: str | None = None) -> model.Snapshot:
     """Compile a complete set of resources. Raises InvalidResource for the first problem."""
     routes: dict[str, model.RouteTable] = {}

@@ -20,6 +20,8 @@ class ProxyOptions:
     labels: dict[str, str] = field(default_factory=dict)
     node_name: str = ""  # workload name; defaults to the labels' app or "sidecar"
     service_account: str = "default"
+    workload_group: str = ""  # xDS: ask the control server to auto-register this workload
+    instance_ip: str = "127.0.0.1"  # xDS: the address other sidecars reach this one on
     watch: bool = True  # reload the config dir on change
     tick_seconds: float = 1.0  # idle-timeout sweep period
 

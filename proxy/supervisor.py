@@ -29,6 +29,7 @@ from proxy.options import ProxyOptions
 from proxy.standalone import ConfigLoadError, StandaloneSource
 from proxy.stats import merge
 from proxy.worker import Worker, recv_msg, send_msg
+from proxy.xds_client import NodeIdentity, XdsClient
 
 log = logging.getLogger("pillion")
 
@@ -113,6 +114,12 @@ class Supervisor:
         self.install_signals = install_signals
         self.source = StandaloneSource(opts.config_dir or ".", namespace=opts.namespace,
                                        labels=opts.labels, name=opts.workload)
+        self.xds: XdsClient | None = None
+        if opts.xds:
+            identity = NodeIdentity(namespace=opts.namespace, name=opts.workload, labels=dict(opts.labels),
+                                    service_account=opts.service_account, workload_group=opts.workload_group,
+                                    ip=opts.instance_ip)
+            self.xds = XdsClient(opts.xds, identity, self._apply_xds)
         self.workers: list[LocalWorker | ProcessWorker] = []
         self.admin = AdminServer(self)
         self.admin_port = 0
@@ -132,13 +139,15 @@ class Supervisor:
     async def run(self) -> int:
         opts = self.opts
         loop = asyncio.get_running_loop()
-        try:
-            resources, snap = self.source.load()
-        except ConfigLoadError as e:
-            for p in e.problems:
-                log.error("config: %s", p)
-            log.error("no valid configuration in %s; not starting", opts.config_dir)
-            return 1
+        first: tuple[XdsResources, Snapshot] | None = None
+        if self.xds is None:
+            try:
+                first = self.source.load()
+            except ConfigLoadError as e:
+                for p in e.problems:
+                    log.error("config: %s", p)
+                log.error("no valid configuration in %s; not starting", opts.config_dir)
+                return 1
         try:
             self.admin_port = await self.admin.start(opts.admin_address, opts.admin_port)
             for port in (opts.status_port, opts.prometheus_port):
@@ -153,26 +162,32 @@ class Supervisor:
         else:
             self.workers = [ProcessWorker(i, opts) for i in range(opts.concurrency)]
             await asyncio.gather(*(w.start() for w in self.workers))  # type: ignore[union-attr]
-        await self._apply(resources, snap)
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.quit)
-        watcher = loop.create_task(self._watch()) if opts.watch else None
-        self.ready_event.set()
-        _ok, why = self.ready()
-        log.info("%s (config version %s, %d listener(s), %d worker(s))", why, snap.version,
-                 len(snap.listeners), len(self.workers))
+        if first is not None:
+            await self._apply(*first)
+            follower = loop.create_task(self._watch()) if opts.watch else None
+        else:
+            assert self.xds is not None
+            log.info("following the control server at %s", self.xds.address)
+            follower = loop.create_task(self.xds.run(self.stopping))
         await self.stopping.wait()
         log.info("draining for up to %.1fs", opts.drain_seconds)
         self.draining = True
-        if watcher is not None:
-            watcher.cancel()
+        if follower is not None:
+            follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+                await follower
         await asyncio.gather(*(w.drain(opts.drain_seconds) for w in self.workers))
         self.admin.close()
         log.info("stopped")
         return 0
+
+    async def _apply_xds(self, resources: XdsResources, snap: Snapshot) -> None:
+        await self._apply(resources, snap)
+        log.info("config version %s from %s applied (%d listener(s))", snap.version,
+                 self.xds.address if self.xds else "?", len(snap.listeners))
 
     async def _apply(self, resources: XdsResources, snap: Snapshot) -> None:
         results = await asyncio.gather(*(w.apply(snap) for w in self.workers))
@@ -182,6 +197,11 @@ class Supervisor:
         self.bind_errors = errors
         self.resources = resources
         self.snapshot = snap
+        if not self.ready_event.is_set():
+            self.ready_event.set()
+            _ok, why = self.ready()
+            log.info("%s (config version %s, %d listener(s), %d worker(s))", why, snap.version,
+                     len(snap.listeners), len(self.workers))
 
     async def reload(self) -> bool:
         """Re-read the config directory; keep the current config if the new one is bad."""
@@ -223,6 +243,8 @@ class Supervisor:
         if self.draining:
             return False, "DRAINING"
         if self.snapshot is None:
+            if self.xds is not None:
+                return False, f"NOT READY: waiting for the first complete config from {self.xds.address}"
             return False, "NOT READY: no configuration"
         if self.bind_errors:
             return False, "NOT READY: " + "; ".join(self.bind_errors)
@@ -236,7 +258,18 @@ class Supervisor:
             "pillion_config_reloads_total": float(self.reloads_ok),
             "pillion_config_reload_failures_total": float(self.reloads_failed),
             "pillion_workers": float(len(self.workers)),
+            **self._xds_metrics(),
         }
+
+    def _xds_metrics(self) -> dict[str, float]:
+        if self.xds is None:
+            return {}
+        st = self.xds.status()
+        out = {"pillion_xds_connected": float(st["connected"]), "pillion_xds_connects_total": float(st["connects"])}
+        for short, t in st["types"].items():
+            out[f"pillion_xds_{short.lower()}_acks_total"] = float(t["acks"])
+            out[f"pillion_xds_{short.lower()}_nacks_total"] = float(t["nacks"])
+        return out
 
     def node(self) -> dict[str, str]:
         return self.opts.node()
@@ -245,7 +278,8 @@ class Supervisor:
         version = self.snapshot.version if self.snapshot else ""
         dump = dump_resources(self.resources, version)
         dump["pillion"] = {"version": version, "last_rejected_config": self.last_error,
-                           "bind_errors": self.bind_errors}
+                           "bind_errors": self.bind_errors,
+                           "xds": self.xds.status() if self.xds is not None else None}
         return dump
 
     def clusters_text(self, stats: dict[str, Any]) -> str:

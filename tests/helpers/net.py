@@ -192,9 +192,24 @@ async def standalone_proxy(config_dir: Path, *, labels: dict[str, str] | None = 
     """A proxy on this test's event loop, in standalone mode, ready when yielded."""
     opts = ProxyOptions(config_dir=str(config_dir), admin_port=0, labels=labels or {"app": "client"},
                         namespace=namespace, watch=watch, drain_seconds=drain_seconds, tick_seconds=tick_seconds)
+    async with running_proxy(opts, config_dir) as handle:
+        yield handle
+
+
+@contextlib.asynccontextmanager
+async def xds_proxy(address: str, *, labels: dict[str, str] | None = None, wait_ready: bool = True,
+                    ) -> AsyncIterator[ProxyHandle]:
+    """A proxy on this test's event loop following an ADS server; ready (first config applied) if asked."""
+    opts = ProxyOptions(xds=address, admin_port=0, labels=labels or {"app": "client"}, drain_seconds=1.0)
+    async with running_proxy(opts, Path("."), wait_ready=wait_ready) as handle:
+        yield handle
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(opts: ProxyOptions, config_dir: Path, wait_ready: bool = True) -> AsyncIterator[ProxyHandle]:
     sup = Supervisor(opts, install_signals=False)
     task = asyncio.get_running_loop().create_task(sup.run())
-    ready = asyncio.ensure_future(sup.ready_event.wait())
+    ready = asyncio.ensure_future(sup.ready_event.wait() if wait_ready else _admin_up(sup))
     done, _ = await asyncio.wait({task, ready}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
     if task in done or not done:
         ready.cancel()
@@ -204,6 +219,11 @@ async def standalone_proxy(config_dir: Path, *, labels: dict[str, str] | None = 
     finally:
         sup.quit()
         await asyncio.wait_for(task, 30)
+
+
+async def _admin_up(sup: Supervisor) -> None:
+    while not sup.admin_port:
+        await asyncio.sleep(0)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
