@@ -33,6 +33,8 @@ def proxy_parser(prog: str = "pillion proxy") -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--config-dir", help="standalone mode: a directory of Istio YAML")
     src.add_argument("--xds", metavar="HOST:PORT", help="follow a control server over ADS (e.g. 127.0.0.1:15010)")
+    ap.add_argument("--cert-dir", default=None,
+                    help="standalone mTLS: a directory with cert-chain.pem, key.pem and root-cert.pem")
     ap.add_argument("--admin-port", type=int, default=15000, help="admin API port on 127.0.0.1 (0: any free port)")
     ap.add_argument("--admin-address", default="127.0.0.1")
     ap.add_argument("--status-port", type=int, default=None, help="also serve /healthz/ready here (Istio: 15021)")
@@ -53,7 +55,7 @@ def proxy_parser(prog: str = "pillion proxy") -> argparse.ArgumentParser:
 def run_proxy(argv: list[str]) -> int:
     args = proxy_parser().parse_args(argv)
     opts = ProxyOptions(
-        config_dir=args.config_dir, xds=args.xds, admin_address=args.admin_address, admin_port=args.admin_port,
+        config_dir=args.config_dir, cert_dir=args.cert_dir, xds=args.xds, admin_address=args.admin_address, admin_port=args.admin_port,
         status_port=args.status_port, prometheus_port=args.prometheus_port,
         concurrency=max(1, args.concurrency), drain_seconds=args.drain_seconds, log_level=args.log_level,
         namespace=args.namespace, labels=args.labels, node_name=args.name,
@@ -74,6 +76,7 @@ USAGE = """usage: pillion <command> [options]
 commands:
   proxy      run a sidecar proxy (standalone: --config-dir DIR; or --xds HOST:PORT)
   control    run the control server (ADS on 15010); `pillion control status` lists proxies
+  certs      mesh CA and workload certificates: init, issue, inspect
   validate   check a directory of Istio YAML
   demo       run a local demo: an app behind a sidecar, with traffic
 """
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "proxy":
         return run_proxy(rest)
+    if cmd == "certs":
+        from certs.cli import main as certs_main
+
+        return int(certs_main(rest))
     if cmd in CONTROL_COMMANDS:
         control_cli = importlib.import_module("control.cli")
         return int(control_cli.main([cmd, *rest]))
