@@ -14,30 +14,33 @@ import asyncio
 from proxy.lb import LoadBalancer, make_lb
 from proxy.model import Cluster, Endpoint
 from proxy.stats import ClusterStats, StatsStore
+from proxy.tls import TlsProvider
 from proxy.upstream import Pool
 
 
 class ClusterRuntime:
-    __slots__ = ("lb", "pools", "spec", "stats")
+    __slots__ = ("lb", "pools", "spec", "stats", "tls")
 
-    def __init__(self, spec: Cluster, stats: ClusterStats, pools: dict[tuple[str, int], Pool]) -> None:
+    def __init__(self, spec: Cluster, stats: ClusterStats, pools: dict[Endpoint, Pool], tls: TlsProvider) -> None:
         self.spec = spec
         self.stats = stats
+        self.tls = tls
         self.lb: LoadBalancer = make_lb(spec.lb_policy, spec.endpoints)
         self.pools = pools
 
     def pool(self, ep: Endpoint, loop: asyncio.AbstractEventLoop) -> Pool:
-        key = (ep.host, ep.port)
-        pool = self.pools.get(key)
+        pool = self.pools.get(ep)
         if pool is None:
-            pool = self.pools[key] = Pool(loop, ep.host, ep.port, self.spec.connect_timeout, self.stats)
+            pool = self.pools[ep] = Pool(loop, ep.host, ep.port, self.spec.connect_timeout, self.stats,
+                                         ep.tls, self.tls)
         return pool
 
 
 class ClusterManager:
-    def __init__(self, loop: asyncio.AbstractEventLoop, stats: StatsStore) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stats: StatsStore, tls: TlsProvider) -> None:
         self.loop = loop
         self.stats = stats
+        self.tls = tls
         self.clusters: dict[str, ClusterRuntime] = {}
 
     def get(self, name: str) -> ClusterRuntime | None:
@@ -52,15 +55,15 @@ class ClusterManager:
                 new[name] = prev
                 continue
             stats = self.stats.cluster(name, spec.service, spec.direction.value)
-            keep = {(ep.host, ep.port) for ep in spec.endpoints}
-            pools: dict[tuple[str, int], Pool] = {}
+            keep = set(spec.endpoints)  # an endpoint whose address or TLS changed gets a new pool
+            pools: dict[Endpoint, Pool] = {}
             if prev is not None:
-                for key, pool in prev.pools.items():
-                    if key in keep and pool.connect_timeout == spec.connect_timeout:
-                        pools[key] = pool
+                for ep, pool in prev.pools.items():
+                    if ep in keep and pool.connect_timeout == spec.connect_timeout:
+                        pools[ep] = pool
                     else:
                         _retire(pool)
-            new[name] = ClusterRuntime(spec, stats, pools)
+            new[name] = ClusterRuntime(spec, stats, pools, self.tls)
         for name, prev in old.items():
             if name not in new:
                 for pool in prev.pools.values():

@@ -20,6 +20,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, config_source_pb2
@@ -31,11 +32,21 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from proxy import model
+from proxy.compile_tls import (
+    TLS_INSPECTOR,
+    downstream_tls,
+    endpoint_match_labels,
+    pick_socket,
+    secret,
+    socket_matches,
+    upstream_tls,
+)
 from proxy.errors import InvalidResource
 
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -55,12 +66,13 @@ class XdsResources:
     routes: Sequence[route_pb2.RouteConfiguration] = ()
     clusters: Sequence[cluster_pb2.Cluster] = ()
     endpoints: Sequence[endpoint_pb2.ClusterLoadAssignment] = ()
+    secrets: Sequence[secret_pb2.Secret] = ()
     extra: dict[str, object] = field(default_factory=dict)
 
     def version(self) -> str:
         """A content hash: equal resources give equal versions."""
         h = hashlib.sha256()
-        for group in (self.listeners, self.routes, self.clusters, self.endpoints):
+        for group in (self.listeners, self.routes, self.clusters, self.endpoints, self.secrets):
             for msg in sorted(group, key=_name_of):
                 h.update(msg.SerializeToString(deterministic=True))
             h.update(b"|")
@@ -239,18 +251,13 @@ def _ads_source(ctx: _Ctx, cs: config_source_pb2.ConfigSource, path: str) -> Non
 
 def _listener(ln: listener_pb2.Listener, routes: dict[str, model.RouteTable]) -> model.Listener:
     ctx = _Ctx("Listener", ln.name)
-    _only(ctx, ln, {"name", "address", "filter_chains", "traffic_direction", "stat_prefix"}, "")
+    _only(ctx, ln, {"name", "address", "filter_chains", "traffic_direction", "stat_prefix", "listener_filters"}, "")
     if not ln.name:
         raise ctx.fail("name", "required")
     address, port = _socket_address(ctx, ln.address, "address")
     direction = model.Direction.INBOUND if ln.traffic_direction == 1 else model.Direction.OUTBOUND
-    if len(ln.filter_chains) != 1:
-        raise ctx.fail("filter_chains", "exactly one filter chain is supported")
-    fc = ln.filter_chains[0]
-    _only(ctx, fc, {"filters", "name"}, "filter_chains[0]")
-    if len(fc.filters) != 1:
-        raise ctx.fail("filter_chains[0].filters", "exactly one (terminal) network filter is supported")
-    f = fc.filters[0]
+    tls, plaintext = _chains(ctx, ln)
+    f = ln.filter_chains[0].filters[0]
     fpath = "filter_chains[0].filters[0]"
     _only(ctx, f, {"name", "typed_config"}, fpath)
     type_url = f.typed_config.type_url
@@ -258,7 +265,8 @@ def _listener(ln: listener_pb2.Listener, routes: dict[str, model.RouteTable]) ->
         hcm = hcm_pb2.HttpConnectionManager()
         f.typed_config.Unpack(hcm)
         http = _hcm(ctx, hcm, routes, f"{fpath}.typed_config")
-        return model.Listener(ln.name, address, port, direction, model.Protocol.HTTP, http=http)
+        return model.Listener(ln.name, address, port, direction, model.Protocol.HTTP, http=http,
+                              tls=tls, plaintext=plaintext)
     if type_url == TCP_PROXY_TYPE:
         tp = tcp_proxy_pb2.TcpProxy()
         f.typed_config.Unpack(tp)
@@ -268,8 +276,48 @@ def _listener(ln: listener_pb2.Listener, routes: dict[str, model.RouteTable]) ->
             raise ctx.fail(f"{p}.cluster", "required (weighted TCP routes are not supported yet)")
         idle = _seconds(tp.idle_timeout) if tp.HasField("idle_timeout") else ENVOY_DEFAULT_IDLE_TIMEOUT
         return model.Listener(ln.name, address, port, direction, model.Protocol.TCP,
-                              tcp=model.TcpSettings(tp.stat_prefix, tp.cluster, idle))
+                              tcp=model.TcpSettings(tp.stat_prefix, tp.cluster, idle), tls=tls, plaintext=plaintext)
     raise ctx.fail(f"{fpath}.typed_config", f"unsupported network filter type {type_url!r}")
+
+
+def _chains(ctx: _Ctx, ln: listener_pb2.Listener) -> tuple[model.TlsServer | None, bool]:
+    """The filter chains Pillion understands: one plaintext chain; or a TLS chain (STRICT);
+    or a TLS chain and a plaintext one told apart by the TLS inspector (PERMISSIVE).
+    Every chain must carry the same network filter."""
+    inspector = False
+    for i, lf in enumerate(ln.listener_filters):
+        _only(ctx, lf, {"name", "typed_config"}, f"listener_filters[{i}]")
+        if lf.typed_config.type_url != TLS_INSPECTOR:
+            raise ctx.fail(f"listener_filters[{i}]", f"only the TLS inspector is supported, got {lf.name!r}")
+        inspector = True
+    chains = ln.filter_chains
+    if not 1 <= len(chains) <= 2:
+        raise ctx.fail("filter_chains", "one filter chain, or a TLS and a plaintext one, are supported")
+    tls: model.TlsServer | None = None
+    plaintext = False
+    matched = False
+    first = chains[0].filters[0].SerializeToString(deterministic=True) if chains[0].filters else b""
+    for i, fc in enumerate(chains):
+        p = f"filter_chains[{i}]"
+        _only(ctx, fc, {"filters", "name", "filter_chain_match", "transport_socket"}, p)
+        _only(ctx, fc.filter_chain_match, {"transport_protocol"}, f"{p}.filter_chain_match")
+        proto = fc.filter_chain_match.transport_protocol
+        matched = matched or bool(proto)
+        if len(fc.filters) != 1:
+            raise ctx.fail(f"{p}.filters", "exactly one (terminal) network filter is supported")
+        if fc.filters[0].SerializeToString(deterministic=True) != first:
+            raise ctx.fail(f"{p}.filters", "every filter chain must carry the same network filter")
+        if fc.HasField("transport_socket"):
+            if proto not in ("tls", "") or tls is not None:
+                raise ctx.fail(f"{p}.filter_chain_match.transport_protocol", "one TLS chain, matching 'tls'")
+            tls = downstream_tls(ctx, fc.transport_socket, f"{p}.transport_socket")
+        else:
+            if proto not in ("raw_buffer", "") or plaintext:
+                raise ctx.fail(f"{p}.filter_chain_match.transport_protocol", "one plaintext chain, matching 'raw_buffer'")
+            plaintext = True
+    if matched and not inspector:
+        raise ctx.fail("listener_filters", "matching on transport_protocol needs the TLS inspector listener filter")
+    return tls, plaintext
 
 
 def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.RouteTable], path: str) -> model.HttpSettings:
@@ -314,7 +362,9 @@ def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.
 
 # ---------------------------------------------------------------- clusters
 
-def _endpoints(ctx: _Ctx, cla: endpoint_pb2.ClusterLoadAssignment, path: str) -> tuple[model.Endpoint, ...]:
+def _endpoints(ctx: _Ctx, cla: endpoint_pb2.ClusterLoadAssignment, path: str,
+               tls: Any = None) -> tuple[model.Endpoint, ...]:
+    """``tls``: None, a TlsClient for every endpoint, or a socket-match list chosen per endpoint."""
     _only(ctx, cla, {"cluster_name", "endpoints"}, path)
     out = []
     for i, loc in enumerate(cla.endpoints):
@@ -323,6 +373,7 @@ def _endpoints(ctx: _Ctx, cla: endpoint_pb2.ClusterLoadAssignment, path: str) ->
         for j, lbe in enumerate(loc.lb_endpoints):
             ep_path = f"{lp}.lb_endpoints[{j}]"
             _only(ctx, lbe, {"endpoint", "load_balancing_weight", "metadata", "health_status"}, ep_path)
+            _only(ctx, lbe.endpoint, {"address"}, f"{ep_path}.endpoint")
             if lbe.health_status in (3, 4, 5):  # UNHEALTHY, DRAINING, TIMEOUT
                 continue
             host, port = _socket_address(ctx, lbe.endpoint.address, f"{ep_path}.endpoint.address")
@@ -334,7 +385,8 @@ def _endpoints(ctx: _Ctx, cla: endpoint_pb2.ClusterLoadAssignment, path: str) ->
             if istio is not None and "labels" in istio.fields:
                 lab = istio.fields["labels"].struct_value.fields
                 labels = tuple(sorted((k, v.string_value) for k, v in lab.items()))
-            out.append(model.Endpoint(host, port, max(1, weight), labels))
+            ep_tls = pick_socket(tls, endpoint_match_labels(lbe)) if isinstance(tls, list) else tls
+            out.append(model.Endpoint(host, port, max(1, weight), labels, ep_tls))
     return tuple(out)
 
 
@@ -350,7 +402,14 @@ def _service_of(name: str) -> tuple[str, model.Direction]:
 def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.ClusterLoadAssignment]) -> model.Cluster:
     ctx = _Ctx("Cluster", c.name)
     _only(ctx, c, {"name", "type", "connect_timeout", "lb_policy", "eds_cluster_config", "load_assignment",
-                   "metadata", "alt_stat_name"}, "")
+                   "metadata", "alt_stat_name", "transport_socket", "transport_socket_matches"}, "")
+    tls: Any = None
+    if c.HasField("transport_socket"):
+        if c.transport_socket_matches:
+            raise ctx.fail("transport_socket_matches", "use either transport_socket or transport_socket_matches")
+        tls = upstream_tls(ctx, c.transport_socket, "transport_socket")
+    elif c.transport_socket_matches:
+        tls = socket_matches(ctx, c.transport_socket_matches, "transport_socket_matches")
     if not c.name:
         raise ctx.fail("name", "required")
     if c.type == cluster_pb2.Cluster.ORIGINAL_DST:
@@ -364,7 +423,7 @@ def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.Cluster
     timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else ENVOY_DEFAULT_CONNECT_TIMEOUT
     kind = c.type
     if kind == cluster_pb2.Cluster.STATIC:
-        endpoints = _endpoints(ctx, c.load_assignment, "load_assignment")
+        endpoints = _endpoints(ctx, c.load_assignment, "load_assignment", tls)
     elif kind == cluster_pb2.Cluster.EDS:
         if c.HasField("eds_cluster_config"):
             _ads_source(ctx, c.eds_cluster_config.eds_config, "eds_cluster_config.eds_config")
@@ -374,7 +433,7 @@ def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.Cluster
             endpoints = ()
         else:
             ectx = _Ctx("ClusterLoadAssignment", service)
-            endpoints = _endpoints(ectx, cla, "")
+            endpoints = _endpoints(ectx, cla, "", tls)
     else:
         raise ctx.fail("type", f"{cluster_pb2.Cluster.DiscoveryType.Name(kind)} is not supported (STATIC and EDS are)")
     service_name, direction = _service_of(c.name)
@@ -393,6 +452,8 @@ def validate_resource(msg: Message) -> None:
         compile_route_config(msg)
     elif isinstance(msg, cluster_pb2.Cluster):
         _cluster(msg, {})
+    elif isinstance(msg, secret_pb2.Secret):
+        secret(msg)
     elif isinstance(msg, endpoint_pb2.ClusterLoadAssignment):
         if not msg.cluster_name:
             raise InvalidResource("ClusterLoadAssignment", "", "cluster_name", "required")
@@ -436,7 +497,12 @@ def compile_snapshot(res: XdsResources, version: str | None = None) -> model.Sna
         if ls.tcp is not None and ls.tcp.cluster not in clusters:
             raise InvalidResource("Listener", ls.name, "filter_chains[0].filters[0].typed_config.cluster",
                                   f"cluster {ls.tcp.cluster!r} was not provided")
-    return model.Snapshot(version or res.version(), tuple(listeners), routes, clusters)
+    secrets: dict[str, model.Secret] = {}
+    for sec in res.secrets:
+        if sec.name in secrets:
+            raise InvalidResource("Secret", sec.name, "name", "duplicate resource name")
+        secrets[sec.name] = secret(sec)
+    return model.Snapshot(version or res.version(), tuple(listeners), routes, clusters, secrets)
 
 
 def dump_resources(res: XdsResources, version: str) -> dict[str, object]:
@@ -456,4 +522,14 @@ def dump_resources(res: XdsResources, version: str) -> dict[str, object]:
             {"version_info": version, "route_config": d(r)} for r in res.routes]},
         {"@type": base + "EndpointsConfigDump", "dynamic_endpoint_configs": [
             {"version_info": version, "endpoint_config": d(e)} for e in res.endpoints]},
+        {"@type": base + "SecretsConfigDump", "dynamic_active_secrets": [
+            {"name": sec.name, "version_info": version, "secret": _redacted(d(sec))} for sec in res.secrets]},
     ]}
+
+
+def _redacted(secret_dict: dict[str, Any]) -> dict[str, Any]:
+    """Never show a private key (Envoy redacts it the same way)."""
+    tc = secret_dict.get("tls_certificate")
+    if isinstance(tc, dict) and "private_key" in tc:
+        tc["private_key"] = {"inline_bytes": "W3JlZGFjdGVkXQ=="}  # base64 of "[redacted]"
+    return secret_dict

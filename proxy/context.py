@@ -16,6 +16,7 @@ from typing import Protocol
 from proxy.cluster import ClusterManager
 from proxy.model import EMPTY, Snapshot
 from proxy.stats import StatsStore
+from proxy.tls import TlsProvider
 
 
 class Connection(Protocol):
@@ -28,7 +29,8 @@ class Context:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, node: dict[str, str] | None = None, rng: random.Random | None = None) -> None:
         self.loop = loop
         self.stats = StatsStore()
-        self.clusters = ClusterManager(loop, self.stats)
+        self.tls = TlsProvider()
+        self.clusters = ClusterManager(loop, self.stats, self.tls)
         self.snapshot: Snapshot = EMPTY
         self.connections: set[Connection] = set()
         self.draining = False
@@ -47,6 +49,7 @@ class Context:
             self.drained.set()
 
     def swap(self, snapshot: Snapshot) -> None:
-        """Install a new snapshot: clusters first, then the reference the hot path reads."""
+        """Install a new snapshot: secrets, then clusters, then the reference the hot path reads."""
+        self.tls.update(snapshot.secrets)
         self.clusters.update(snapshot.clusters)
         self.snapshot = snapshot

@@ -84,6 +84,15 @@ class ConnectTimeoutError(ConnectError):
     body = b"upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
 
 
+class TlsError(ConnectError):
+    """The TLS handshake with the upstream failed or it is not an expected identity (UF)."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.body = b"upstream connect error or disconnect/reset before headers. reset reason: " \
+                    b"connection failure, transport failure reason: TLS error: " + reason.encode()
+
+
 class UpstreamResetError(ProxyError):
     """The upstream closed or broke the connection before a full response head (UR)."""
 

@@ -29,6 +29,7 @@ from proxy.errors import DownstreamProtocolError, HeadersTooLargeError, ProxyErr
 from proxy.model import Listener
 from proxy.stats import ListenerStats
 from proxy.stream import Stream
+from proxy.tls import Peer, peer_of, sans_allowed
 
 if TYPE_CHECKING:
     from proxy.upstream import UpstreamConnection
@@ -68,6 +69,7 @@ class HttpConnection(asyncio.Protocol):
         "max_header_bytes",
         "max_header_count",
         "parser",
+        "peer",
         "transport",
         "write_paused",
     )
@@ -83,6 +85,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b""
+        self.peer: Peer | None = None  # the TLS peer (mTLS), for x-forwarded-client-cert
         self._wbuf: list[bytes] = []
         self._in_feed = False
         self._read_paused = False
@@ -110,6 +113,16 @@ class HttpConnection(asyncio.Protocol):
         self.lstats.cx_active += 1
         if self.ctx.draining:
             self._closing = True
+        tls = self.listener.tls
+        if tls is not None and transport.get_extra_info("ssl_object") is not None:
+            peer = peer_of(transport)
+            if not sans_allowed(tls.peer_sans, peer):
+                self.ctx.tls.count_failure("wrong_san")
+                log.info("listener %s: peer %s is not an accepted identity", self.listener.name,
+                         peer.uris if peer else "without a certificate")
+                transport.abort()
+                return
+            self.peer = peer
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:

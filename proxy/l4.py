@@ -19,12 +19,15 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from typing import cast
 
 from proxy.cluster import ClusterRuntime
 from proxy.context import Context
-from proxy.model import Listener
+from proxy.model import Endpoint, Listener
 from proxy.stats import ClusterStats, ListenerStats
+from proxy.tls import MissingSecret, failure_reason, peer_of, sans_allowed
+from proxy.upstream import tls_client_args
 
 log = logging.getLogger("pillion.tcp")
 
@@ -76,6 +79,12 @@ class TcpDownstream(asyncio.Protocol):
         ctx.connections.add(self)
         self.lstats.cx_total += 1
         self.lstats.cx_active += 1
+        tls = self.listener.tls
+        if tls is not None and transport.get_extra_info("ssl_object") is not None \
+                and not sans_allowed(tls.peer_sans, peer_of(transport)):
+            ctx.tls.count_failure("wrong_san")
+            transport.abort()
+            return
         tcp = self.listener.tcp
         assert tcp is not None
         rt = ctx.clusters.get(tcp.cluster)
@@ -89,16 +98,23 @@ class TcpDownstream(asyncio.Protocol):
         self.stats = rt.stats
         rt.stats.tcp_opened += 1
         transport.pause_reading()  # until the upstream is there
-        self._connect = ctx.loop.create_task(self._open(rt, ep.host, ep.port))
+        self._connect = ctx.loop.create_task(self._open(rt, ep))
 
-    async def _open(self, rt: ClusterRuntime, host: str, port: int) -> None:
+    async def _open(self, rt: ClusterRuntime, ep: Endpoint) -> None:
         stats = rt.stats
+        host, port = ep.host, ep.port
         try:
-            _, up = await asyncio.wait_for(
-                self.ctx.loop.create_connection(lambda: TcpUpstream(self), host, port),
+            ssl_args = tls_client_args(ep.tls, self.ctx.tls)
+            transport, up = await asyncio.wait_for(
+                self.ctx.loop.create_connection(lambda: TcpUpstream(self), host, port, **ssl_args),
                 rt.spec.connect_timeout,
             )
-        except (OSError, TimeoutError) as e:
+            if ep.tls is not None and not sans_allowed(ep.tls.peer_sans, peer_of(transport)):
+                transport.abort()
+                raise ssl.SSLError("peer is not an expected identity (wrong_san)")
+        except (OSError, TimeoutError, MissingSecret) as e:
+            if isinstance(e, ssl.SSLError | MissingSecret):
+                self.ctx.tls.count_failure(failure_reason(e) if isinstance(e, ssl.SSLError) else "no_certificate")
             stats.cx_connect_fail += 1
             if isinstance(e, TimeoutError):
                 stats.cx_connect_timeout += 1

@@ -117,11 +117,63 @@ class RouteTable:
 
 
 @dataclass(frozen=True, slots=True)
+class SanMatch:
+    """One accepted peer subject alt name: ``kind`` is "URI" or "DNS"; exact or prefix."""
+
+    kind: str
+    value: str
+    prefix: bool = False
+
+    def matches(self, kind: str, value: str) -> bool:
+        if kind != self.kind:
+            return False
+        return value.startswith(self.value) if self.prefix else value == self.value
+
+
+@dataclass(frozen=True, slots=True)
+class TlsServer:
+    """How a listener terminates TLS (a compiled DownstreamTlsContext)."""
+
+    cert_secret: str  # secret holding our certificate chain and key ("default")
+    roots_secret: str  # secret holding the roots client certificates must chain to ("ROOTCA"); "" = none
+    require_client_cert: bool = True
+    peer_sans: tuple[SanMatch, ...] = ()  # empty: any certificate that chains to the roots
+    alpn: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClient:
+    """How connections to an endpoint originate TLS (a compiled UpstreamTlsContext)."""
+
+    cert_secret: str = ""  # our client certificate (mTLS); "" = none
+    roots_secret: str = ""  # roots the server must chain to
+    sni: str = ""
+    peer_sans: tuple[SanMatch, ...] = ()
+    alpn: tuple[str, ...] = ()
+    # SIMPLE/MUTUAL from files (DestinationRule caCertificates / clientCertificate / privateKey).
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """An SDS secret: a certificate chain and key, or a set of trusted roots (PEM)."""
+
+    name: str
+    cert_chain: bytes = b""
+    key: bytes = b""
+    roots: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     host: str
     port: int
     weight: int = 1
     labels: tuple[tuple[str, str], ...] = ()
+    tls: TlsClient | None = None  # per endpoint: auto mTLS picks it by the endpoint's tlsMode
 
     @property
     def address(self) -> str:
@@ -171,6 +223,10 @@ class Listener:
     protocol: Protocol
     http: HttpSettings | None = None
     tcp: TcpSettings | None = None
+    # TLS termination: None = plaintext only; with ``plaintext`` also true the listener
+    # sniffs each connection's first bytes and accepts both (Istio's PERMISSIVE).
+    tls: TlsServer | None = None
+    plaintext: bool = True
 
     @property
     def bind_key(self) -> tuple[str, int]:
@@ -185,6 +241,7 @@ class Snapshot:
     listeners: tuple[Listener, ...] = ()
     routes: dict[str, RouteTable] = field(default_factory=dict)
     clusters: dict[str, Cluster] = field(default_factory=dict)
+    secrets: dict[str, Secret] = field(default_factory=dict)
 
 
 EMPTY = Snapshot(version="")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class ProxyOptions:
     config_dir: str | None = None  # standalone mode: the Istio YAML directory
+    cert_dir: str | None = None  # standalone mTLS: cert-chain.pem, key.pem, root-cert.pem
     xds: str | None = None  # HOST:PORT of a control server (a later issue)
     admin_address: str = "127.0.0.1"
     admin_port: int = 15000  # 0 picks a free port (tests)

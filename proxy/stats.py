@@ -294,6 +294,9 @@ def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra:
     family("pillion_local_replies_total", "counter", "Local replies sent, by response flag.")
     for flag, n in sorted(merged.get("local_replies", {}).items()):
         lines.append(f"pillion_local_replies_total{_labels([('response_flags', flag or '-')])} {n}")
+    family("pillion_tls_handshake_failures_total", "counter", "TLS connections refused or failed, by reason.")
+    for reason, n in sorted(merged.get("tls_failures", {}).items()):
+        lines.append(f"pillion_tls_handshake_failures_total{_labels([('reason', reason)])} {n}")
     for name, value in sorted((extra or {}).items()):
         family(name, "gauge", name.replace("_", " ") + ".")
         lines.append(f"{name} {_fmt(value)}")

@@ -32,6 +32,7 @@ from proxy.errors import (
     UpstreamResetError,
 )
 from proxy.router import find_virtual_host, match_route, pick_cluster
+from proxy.tls import Peer
 from proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ HIGH_WATER = 64 * 1024
 # plus the ones this proxy rewrites itself).
 _REQ_SPECIAL = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
-    b"trailer", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
+    b"trailer", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-client-cert",
 })
 _RESP_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
@@ -170,6 +171,10 @@ class Stream:
         if http.forward_client_address:
             xff = hdrs.get(b"x-forwarded-for")
             parts += (b"x-forwarded-for: ", conn.client_ip if xff is None else xff + b", " + conn.client_ip, b"\r\n")
+        peer = conn.peer
+        if peer is not None:
+            # Envoy's format; a client-supplied value is never forwarded (it could be forged).
+            parts += (b"x-forwarded-client-cert: ", self._xfcc(peer), b"\r\n")
         xfp = hdrs.get(b"x-forwarded-proto")
         parts += (b"x-forwarded-proto: ", b"http" if xfp is None else xfp, b"\r\n")
         if http.generate_request_id and b"x-request-id" not in hdrs:
@@ -178,6 +183,14 @@ class Stream:
             parts += (b"x-request-id: ", rid, b"\r\n")
         parts.append(b"\r\n")
         self.out.append(b"".join(parts))
+
+    def _xfcc(self, peer: Peer) -> bytes:
+        tls = self.conn.listener.tls
+        own = self.ctx.tls.local_spiffe_id(tls.cert_secret) if tls is not None else ""
+        fields = [f"By={own}"] if own else []
+        fields += [f"Hash={peer.cert_sha256}", 'Subject=""']
+        fields += [f"URI={u}" for u in peer.uris]
+        return ";".join(fields).encode()
 
     def _origin_form(self, url: bytes) -> bytes:
         """Absolute-form targets (RFC 9112 section 3.2.2) route by their authority."""

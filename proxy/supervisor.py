@@ -113,7 +113,7 @@ class Supervisor:
         self.opts = opts
         self.install_signals = install_signals
         self.source = StandaloneSource(opts.config_dir or ".", namespace=opts.namespace,
-                                       labels=opts.labels, name=opts.workload)
+                                       labels=opts.labels, name=opts.workload, cert_dir=opts.cert_dir)
         self.xds: XdsClient | None = None
         if opts.xds:
             identity = NodeIdentity(namespace=opts.namespace, name=opts.workload, labels=dict(opts.labels),

@@ -20,13 +20,22 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
-from proxy.errors import ConnectError, ConnectTimeoutError, ProxyError, UpstreamProtocolError
+from proxy.errors import (
+    ConnectError,
+    ConnectTimeoutError,
+    ProxyError,
+    TlsError,
+    UpstreamProtocolError,
+)
+from proxy.model import TlsClient
 from proxy.stats import ClusterStats
+from proxy.tls import MissingSecret, TlsProvider, failure_reason, peer_of, sans_allowed
 
 log = logging.getLogger("pillion.upstream")
 
@@ -219,6 +228,14 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.close()
 
 
+def tls_client_args(tls: TlsClient | None, provider: TlsProvider | None) -> dict[str, Any]:
+    """Keyword arguments for loop.create_connection that originate TLS, if the endpoint needs it."""
+    if tls is None or provider is None:
+        return {}
+    return {"ssl": provider.client_context(tls), "server_hostname": tls.sni or None,
+            "ssl_handshake_timeout": 10.0}
+
+
 class _Lost(UpstreamProtocolError):
     flag = "UR"
     body = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
@@ -230,14 +247,17 @@ _LOST = _Lost()
 class Pool:
     """Keep-alive connections to one endpoint of one cluster, for one worker."""
 
-    __slots__ = ("_all", "connect_timeout", "host", "idle", "loop", "port", "retired", "stats")
+    __slots__ = ("_all", "connect_timeout", "host", "idle", "loop", "port", "provider", "retired", "stats", "tls")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, connect_timeout: float, stats: ClusterStats) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, connect_timeout: float,
+                 stats: ClusterStats, tls: TlsClient | None = None, provider: TlsProvider | None = None) -> None:
         self.loop = loop
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.stats = stats
+        self.tls = tls  # originate TLS to this endpoint (ISTIO_MUTUAL, SIMPLE, MUTUAL)
+        self.provider = provider
         self.idle: list[UpstreamConnection] = []
         self.retired = False  # set when the endpoint left the cluster: no more reuse
         self._all: set[UpstreamConnection] = set()
@@ -271,10 +291,24 @@ class Pool:
     async def _connect(self, done: Callable[[UpstreamConnection | None, ProxyError | None], None]) -> None:
         stats = self.stats
         try:
-            _, proto = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+            ssl_args = tls_client_args(self.tls, self.provider)
+        except MissingSecret as e:
+            log.warning("no certificate (secret %s) yet for TLS to %s:%s", e, self.host, self.port)
+            stats.cx_connect_fail += 1
+            done(None, TlsError("missing secret"))
+            return
+        try:
+            transport, proto = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, **ssl_args),
                 self.connect_timeout,
             )
+        except ssl.SSLError as e:
+            stats.cx_connect_fail += 1
+            if self.provider is not None:
+                self.provider.count_failure(failure_reason(e))
+            log.info("TLS handshake with %s:%s failed: %s", self.host, self.port, e)
+            done(None, TlsError(failure_reason(e)))
+            return
         except TimeoutError:
             stats.cx_connect_fail += 1
             stats.cx_connect_timeout += 1
@@ -285,6 +319,14 @@ class Pool:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("connect to %s:%s failed: %s", self.host, self.port, e)
             done(None, ConnectError())
+            return
+        if self.tls is not None and not sans_allowed(self.tls.peer_sans, peer_of(transport)):
+            stats.cx_connect_fail += 1
+            if self.provider is not None:
+                self.provider.count_failure("wrong_san")
+            log.info("TLS peer %s:%s is not one of the expected identities", self.host, self.port)
+            transport.abort()
+            done(None, TlsError("wrong_san"))
             return
         stats.cx_total += 1
         stats.cx_active += 1

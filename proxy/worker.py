@@ -63,7 +63,9 @@ class Worker:
         self._schedule_sweep()
 
     def export_stats(self) -> dict[str, Any]:
-        return self.ctx.stats.export()
+        out = self.ctx.stats.export()
+        out["tls_failures"] = dict(self.ctx.tls.handshake_failures)
+        return out
 
     def drain_listeners(self) -> None:
         """Envoy's /drain_listeners: stop accepting; open connections keep going."""
