@@ -172,7 +172,8 @@ def sans_allowed(matchers: tuple[SanMatch, ...], peer: Peer | None) -> bool:
 def failure_reason(exc: BaseException) -> str:
     """A short label for a failed handshake, for metrics (Envoy's ssl.* stats spirit)."""
     text = str(exc).lower()
-    for needle, reason in (("wrong_san", "wrong_san"), ("expired", "expired"), ("not yet valid", "not_yet_valid"),
+    for needle, reason in (("wrong_san", "wrong_san"), ("expired", "expired"),
+                           ("self-signed certificate in certificate chain", "untrusted"), ("not yet valid", "not_yet_valid"),
                            ("self-signed", "self_signed"), ("self signed", "self_signed"),
                            ("unknown ca", "untrusted"), ("unable to get local issuer", "untrusted"),
                            ("certificate verify failed", "untrusted"), ("peer did not return a certificate", "no_client_cert"),

@@ -188,10 +188,11 @@ class ProxyHandle:
 @contextlib.asynccontextmanager
 async def standalone_proxy(config_dir: Path, *, labels: dict[str, str] | None = None, namespace: str = "default",
                            watch: bool = False, drain_seconds: float = 2.0, tick_seconds: float = 1.0,
-                           ) -> AsyncIterator[ProxyHandle]:
+                           cert_dir: Path | None = None) -> AsyncIterator[ProxyHandle]:
     """A proxy on this test's event loop, in standalone mode, ready when yielded."""
     opts = ProxyOptions(config_dir=str(config_dir), admin_port=0, labels=labels or {"app": "client"},
-                        namespace=namespace, watch=watch, drain_seconds=drain_seconds, tick_seconds=tick_seconds)
+                        namespace=namespace, watch=watch, drain_seconds=drain_seconds, tick_seconds=tick_seconds,
+                        cert_dir=str(cert_dir) if cert_dir else None)
     async with running_proxy(opts, config_dir) as handle:
         yield handle
 
