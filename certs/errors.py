@@ -22,6 +22,7 @@ Shape (``reason`` in brackets)::
         MalformedCert               [bad_cert]        not DER, or extensions that do not parse
       IdentityMismatch              [wrong_san]       missing/extra/invalid SAN, wrong trust domain
       InvalidUsage                  [bad_usage]       key usage, EKU or CA flag wrong for a leaf
+      InvalidToken                  [bad_token]       a bootstrap token that is malformed, forged or expired
 """
 
 from __future__ import annotations
@@ -120,3 +121,9 @@ __all__ = [
     "SelfSignedLeaf",
     "UntrustedChain",
 ]
+
+
+class InvalidToken(CertError):
+    """A workload bootstrap token is malformed, forged, or expired."""
+
+    reason = "bad_token"

@@ -53,6 +53,11 @@ def validate_trust_domain(trust_domain: str) -> str:
     return trust_domain
 
 
+def validate_segment(segment: str, what: str) -> str:
+    """Check one path segment (namespace or service account); raises InvalidSpiffeId."""
+    return _validate_segment(segment, what)
+
+
 def _validate_segment(segment: str, what: str) -> str:
     if not isinstance(segment, str):
         raise InvalidSpiffeId(f"{what} must be a string, not {type(segment).__name__}")
