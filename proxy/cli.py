@@ -35,6 +35,11 @@ def proxy_parser(prog: str = "pillion proxy") -> argparse.ArgumentParser:
     src.add_argument("--xds", metavar="HOST:PORT", help="follow a control server over ADS (e.g. 127.0.0.1:15010)")
     ap.add_argument("--cert-dir", default=None,
                     help="standalone mTLS: a directory with cert-chain.pem, key.pem and root-cert.pem")
+    ap.add_argument("--ca-address", default=None, metavar="HOST:PORT",
+                    help="get the workload certificate from this CA (default: the --xds address when --token-file is given)")
+    ap.add_argument("--token-file", default=None, help="the workload's bootstrap token for the CA")
+    ap.add_argument("--trust-domain", default="cluster.local")
+    ap.add_argument("--cert-validity-hours", type=float, default=24.0)
     ap.add_argument("--admin-port", type=int, default=15000, help="admin API port on 127.0.0.1 (0: any free port)")
     ap.add_argument("--admin-address", default="127.0.0.1")
     ap.add_argument("--status-port", type=int, default=None, help="also serve /healthz/ready here (Istio: 15021)")
@@ -55,7 +60,9 @@ def proxy_parser(prog: str = "pillion proxy") -> argparse.ArgumentParser:
 def run_proxy(argv: list[str]) -> int:
     args = proxy_parser().parse_args(argv)
     opts = ProxyOptions(
-        config_dir=args.config_dir, cert_dir=args.cert_dir, xds=args.xds, admin_address=args.admin_address, admin_port=args.admin_port,
+        config_dir=args.config_dir, cert_dir=args.cert_dir, xds=args.xds,
+        ca_address=args.ca_address or (args.xds if args.token_file else None), token_file=args.token_file,
+        trust_domain=args.trust_domain, cert_validity_hours=args.cert_validity_hours, admin_address=args.admin_address, admin_port=args.admin_port,
         status_port=args.status_port, prometheus_port=args.prometheus_port,
         concurrency=max(1, args.concurrency), drain_seconds=args.drain_seconds, log_level=args.log_level,
         namespace=args.namespace, labels=args.labels, node_name=args.name,

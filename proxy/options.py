@@ -23,6 +23,10 @@ class ProxyOptions:
     service_account: str = "default"
     workload_group: str = ""  # xDS: ask the control server to auto-register this workload
     instance_ip: str = "127.0.0.1"  # xDS: the address other sidecars reach this one on
+    ca_address: str | None = None  # HOST:PORT of the mesh CA: get and renew a workload certificate
+    token_file: str | None = None  # the workload's bootstrap token for the CA
+    trust_domain: str = "cluster.local"
+    cert_validity_hours: float = 24.0
     watch: bool = True  # reload the config dir on change
     tick_seconds: float = 1.0  # idle-timeout sweep period
 

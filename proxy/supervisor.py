@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -22,8 +23,10 @@ import sys
 import time
 from typing import Any
 
+from certs.spiffe import SpiffeId
 from proxy.admin import AdminServer
-from proxy.compile import XdsResources, dump_resources
+from proxy.ca_client import CertManager
+from proxy.compile import XdsResources, compile_snapshot, dump_resources
 from proxy.model import Snapshot
 from proxy.options import ProxyOptions
 from proxy.standalone import ConfigLoadError, StandaloneSource
@@ -120,6 +123,12 @@ class Supervisor:
                                     service_account=opts.service_account, workload_group=opts.workload_group,
                                     ip=opts.instance_ip)
             self.xds = XdsClient(opts.xds, identity, self._apply_xds)
+        self.certs: CertManager | None = None
+        if opts.ca_address:
+            spiffe = SpiffeId(opts.trust_domain, opts.namespace, opts.service_account)
+            self.certs = CertManager(opts.ca_address, opts.token_file or "", spiffe, self._on_secrets,
+                                     validity_seconds=int(opts.cert_validity_hours * 3600))
+        self.raw_resources: XdsResources | None = None  # as the config source gave them
         self.workers: list[LocalWorker | ProcessWorker] = []
         self.admin = AdminServer(self)
         self.admin_port = 0
@@ -165,6 +174,7 @@ class Supervisor:
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.quit)
+        cert_task = loop.create_task(self.certs.run(self.stopping)) if self.certs is not None else None
         if first is not None:
             await self._apply(*first)
             follower = loop.create_task(self._watch()) if opts.watch else None
@@ -175,10 +185,11 @@ class Supervisor:
         await self.stopping.wait()
         log.info("draining for up to %.1fs", opts.drain_seconds)
         self.draining = True
-        if follower is not None:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+        for task in (follower, cert_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.gather(*(w.drain(opts.drain_seconds) for w in self.workers))
         self.admin.close()
         log.info("stopped")
@@ -189,7 +200,25 @@ class Supervisor:
         log.info("config version %s from %s applied (%d listener(s))", snap.version,
                  self.xds.address if self.xds else "?", len(snap.listeners))
 
-    async def _apply(self, resources: XdsResources, snap: Snapshot) -> None:
+    async def _on_secrets(self, secrets: tuple[Any, ...]) -> None:
+        """A new workload certificate: recompile the current config with it (new handshakes use it)."""
+        if self.raw_resources is not None:
+            await self._apply(self.raw_resources, None)
+
+    def _with_local_secrets(self, resources: XdsResources) -> XdsResources:
+        local = self.certs.secrets if self.certs is not None else ()
+        if not local:
+            return resources
+        names = {sec.name for sec in local}
+        return dataclasses.replace(resources, secrets=tuple(
+            [sec for sec in resources.secrets if sec.name not in names] + list(local)))
+
+    async def _apply(self, resources: XdsResources, snap: Snapshot | None) -> None:
+        self.raw_resources = resources
+        merged = self._with_local_secrets(resources)
+        if snap is None or merged is not resources:
+            snap = compile_snapshot(merged)
+        resources = merged
         results = await asyncio.gather(*(w.apply(snap) for w in self.workers))
         errors = sorted({e for r in results for e in r})
         for e in errors:
@@ -197,7 +226,7 @@ class Supervisor:
         self.bind_errors = errors
         self.resources = resources
         self.snapshot = snap
-        if not self.ready_event.is_set():
+        if not self.ready_event.is_set() and (self.certs is None or self.certs.have_cert.is_set()):
             self.ready_event.set()
             _ok, why = self.ready()
             log.info("%s (config version %s, %d listener(s), %d worker(s))", why, snap.version,
@@ -242,6 +271,8 @@ class Supervisor:
     def ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "DRAINING"
+        if self.certs is not None and not self.certs.have_cert.is_set():
+            return False, f"NOT READY: no workload certificate yet from {self.certs.ca_address}"
         if self.snapshot is None:
             if self.xds is not None:
                 return False, f"NOT READY: waiting for the first complete config from {self.xds.address}"
@@ -259,6 +290,7 @@ class Supervisor:
             "pillion_config_reload_failures_total": float(self.reloads_failed),
             "pillion_workers": float(len(self.workers)),
             **self._xds_metrics(),
+            **(self.certs.metrics() if self.certs is not None else {}),
         }
 
     def _xds_metrics(self) -> dict[str, float]:
@@ -279,7 +311,8 @@ class Supervisor:
         dump = dump_resources(self.resources, version)
         dump["pillion"] = {"version": version, "last_rejected_config": self.last_error,
                            "bind_errors": self.bind_errors,
-                           "xds": self.xds.status() if self.xds is not None else None}
+                           "xds": self.xds.status() if self.xds is not None else None,
+                           "certificate": self.certs.status() if self.certs is not None else None}
         return dump
 
     def clusters_text(self, stats: dict[str, Any]) -> str:
