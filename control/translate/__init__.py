@@ -10,8 +10,9 @@ except reading the YAML files it is asked to read.
 Modules: `errors` (Problem, ConfigError), `documents` (YAML files with line
 numbers), `schema` + `specs` (field shapes), `istio` + `kinds` (loading and
 building typed objects), `model` (the typed objects), `scope` (what a node
-sees), `listeners`, `routes`, `clusters` (xDS builders), `resources`
-(translate), `bootstrap` (the same resources as a static Envoy bootstrap).
+sees), `security` (PeerAuthentication modes and the mutual TLS pieces),
+`listeners`, `routes`, `clusters` (xDS builders), `resources` (translate),
+`bootstrap` (the same resources as a static Envoy bootstrap).
 """
 
 from control.translate.bootstrap import envoy_bootstrap

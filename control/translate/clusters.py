@@ -15,11 +15,18 @@ Rules:
 - Endpoint port: the workload's ports[<service port name>], else the service
   port's targetPort, else its number. Weight: the workload's weight, or 1.
 - Each endpoint carries filter_metadata["istio"] = {"labels": ..., "workload": name}.
+- TLS (`security.py` builds the sockets): the DestinationRule's `tls` for the
+  cluster's subset and port (subset port level > subset > rule port level >
+  rule); without one, auto mTLS when MeshConfig enableAutoMtls is on and an
+  endpoint is labelled security.istio.io/tlsMode=istio: such endpoints get
+  filter_metadata["envoy.transport_socket_match"] = {"tlsMode": "istio"} and
+  the cluster transport_socket_matches (mutual TLS for them, plaintext else).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -29,6 +36,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 
 from control.translate.model import (
     EMPTY,
+    MtlsMode,
     Resolution,
     ServiceEntry,
     ServicePort,
@@ -37,6 +45,26 @@ from control.translate.model import (
 )
 from control.translate.protos import CONNECT_TIMEOUT_SECONDS, ads, duration, socket_address
 from control.translate.scope import Scope, cluster_name
+from control.translate.security import (
+    TLS_MODE_LABEL,
+    auto_mtls_matches,
+    client_socket,
+    istio_mutual_sni,
+    istio_mutual_socket,
+    mark_for_auto_mtls,
+    spiffe_id,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One endpoint of a cluster, before it becomes an LbEndpoint."""
+
+    address: str
+    port: int
+    namespace: str  # the workload's namespace (its identity's)
+    workload: Workload
+    mutual: bool = False  # auto mTLS dials it with the mesh certificate
 
 
 def build_clusters(
@@ -59,11 +87,16 @@ def build_clusters(
         subsets += [(s.name, s.labels) for s in rule.subsets] if rule is not None else []
         for subset, labels in subsets:
             name = cluster_name("outbound", number, subset, host)
-            if se.resolution is Resolution.NONE:
-                clusters.append(_original_dst_cluster(name))
-                continue
-            clusters.append(_eds_cluster(name))
-            assignments.append(load_assignment(name, _endpoints(scope, se, port, labels)))
+            rows = _rows(scope, se, port, labels) if se.resolution is Resolution.STATIC else []
+            cluster = (
+                _original_dst_cluster(name)
+                if se.resolution is Resolution.NONE
+                else _eds_cluster(name)
+            )
+            rows = _secure(scope, cluster, se, port, subset, host, rows)
+            clusters.append(cluster)
+            if se.resolution is Resolution.STATIC:
+                assignments.append(load_assignment(name, [_lb_endpoint(row) for row in rows]))
     if scope.sidecar is not None:
         for ingress in scope.sidecar.ingress:
             name = cluster_name("inbound", ingress.port.number, "", "")
@@ -106,38 +139,90 @@ def _original_dst_cluster(name: str) -> cluster_pb2.Cluster:
     )
 
 
-def _workloads(scope: Scope, se: ServiceEntry) -> list[Workload]:
-    found = list(se.endpoints)
+def _workloads(scope: Scope, se: ServiceEntry) -> list[tuple[str, Workload]]:
+    """(namespace, workload) of every endpoint of `se`: inline ones, then selected WorkloadEntries."""
+    found = [(se.meta.namespace, workload) for workload in se.endpoints]
     if se.workload_selector is not None:
         selector = se.workload_selector
         found += [
-            we.workload
+            (we.meta.namespace, we.workload)
             for we in scope.config.workload_entries
             if we.meta.namespace == se.meta.namespace and labels_match(selector, we.workload.labels)
         ]
     return found
 
 
-def _endpoints(
+def _rows(
     scope: Scope, se: ServiceEntry, port: ServicePort, subset_labels: Mapping[str, str]
-) -> list[ec.LbEndpoint]:
+) -> list[_Row]:
     rows = []
-    for workload in _workloads(scope, se):
+    for namespace, workload in _workloads(scope, se):
         if not labels_match(subset_labels, workload.labels):
             continue
         number = workload.ports.get(port.name) or port.target_port or port.number
-        rows.append((workload.address, number, workload.name, workload))
-    rows.sort(key=lambda row: row[:3])
-    return [_lb_endpoint(address, number, workload) for address, number, _, workload in rows]
+        rows.append(_Row(workload.address, number, namespace, workload))
+    rows.sort(key=lambda row: (row.address, row.port, row.workload.name))
+    return rows
 
 
-def _lb_endpoint(address: str, port: int, workload: Workload) -> ec.LbEndpoint:
+def _secure(
+    scope: Scope,
+    cluster: cluster_pb2.Cluster,
+    se: ServiceEntry,
+    port: ServicePort,
+    subset: str,
+    host: str,
+    rows: list[_Row],
+) -> list[_Row]:
+    """Set the cluster's TLS (DestinationRule tls, or auto mTLS); returns rows marked for auto mTLS."""
+    trust_domain = scope.config.mesh.trust_domain
+    identities = [spiffe_id(trust_domain, r.namespace, r.workload.service_account) for r in rows]
+    rule = scope.rules.get(host)
+    tls = rule.tls_for(subset, port.number) if rule is not None else None
+    if tls is not None:
+        found = client_socket(
+            tls,
+            port=port.number,
+            subset=subset,
+            host=host,
+            protocol=port.protocol,
+            identities=identities,
+            trust_domain=trust_domain,
+        )
+        if found is not None:
+            cluster.transport_socket.CopyFrom(found)
+        return rows
+    if not scope.config.mesh.enable_auto_mtls:
+        return rows
+    marked = [
+        _Row(r.address, r.port, r.namespace, r.workload, mutual=_dials_mutual(scope, r))
+        for r in rows
+    ]
+    if any(row.mutual for row in marked):
+        sni = istio_mutual_sni(port.number, subset, host)
+        mutual = istio_mutual_socket(sni, identities, port.protocol, trust_domain)
+        cluster.transport_socket_matches.extend(auto_mtls_matches(mutual))
+    return marked
+
+
+def _dials_mutual(scope: Scope, row: _Row) -> bool:
+    """Auto mTLS: the endpoint runs a sidecar, and its policy for the port accepts mutual TLS."""
+    labels = row.workload.labels
+    if labels.get(TLS_MODE_LABEL) != "istio":
+        return False
+    return scope.peers.mode(row.namespace, labels, row.port) is not MtlsMode.DISABLE
+
+
+def _lb_endpoint(row: _Row) -> ec.LbEndpoint:
     istio = struct_pb2.Struct()
-    istio.update({"labels": dict(workload.labels), "workload": workload.name})
+    istio.update({"labels": dict(row.workload.labels), "workload": row.workload.name})
+    metadata = base_pb2.Metadata(filter_metadata={"istio": istio})
+    if row.mutual:
+        mark_for_auto_mtls(metadata)
     return ec.LbEndpoint(
-        endpoint=ec.Endpoint(address=socket_address(address, port)),
-        load_balancing_weight=wrappers_pb2.UInt32Value(value=workload.weight or 1),
-        metadata=base_pb2.Metadata(filter_metadata={"istio": istio}),
+        endpoint=ec.Endpoint(address=socket_address(row.address, row.port)),
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=row.workload.weight or 1),
+        metadata=metadata,
     )
 
 

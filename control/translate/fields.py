@@ -3,8 +3,8 @@
 Owns: what a port's protocol is (its `protocol`, else Istio's port-name
 convention, else TCP), which addresses Pillion accepts (IP literals; no
 hostnames, no unix sockets yet), how a WorkloadEntry-shaped mapping becomes a
-`Workload`, and which regexes Envoy (RE2) would refuse. Reports through the
-caller's `Build`; never raises.
+`Workload` (its serviceAccount must fit in a SPIFFE id), and which regexes
+Envoy (RE2) would refuse. Reports through the caller's `Build`; never raises.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import ipaddress
 import re
 from typing import TYPE_CHECKING, Any
 
+from certs.spiffe import SpiffeId
 from control.translate.model import (
     Protocol,
     Workload,
@@ -91,6 +92,12 @@ def workload(raw: dict[str, Any], path: str, b: Build, name: str, need_address: 
         )
     elif need_address:
         b(f"{path}.address", "required field is missing")
+    account = raw.get("serviceAccount", "")
+    if account:
+        try:  # the account is part of the workload's SPIFFE id; check it as one
+            SpiffeId("cluster.local", "namespace", account)
+        except ValueError as exc:  # certs' InvalidSpiffeId
+            b(f"{path}.serviceAccount", f"{exc} (it names the workload's SPIFFE identity)")
     return Workload(
         address=address,
         ports=frozen_map(raw.get("ports")),

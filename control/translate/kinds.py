@@ -4,9 +4,11 @@ Owns: `build_all` (kinds built in dependency order, so a builder can resolve
 a name against objects built before it), MeshConfig, and the meaning of
 ServiceEntry, WorkloadEntry and WorkloadGroup fields beyond their shape:
 host uniqueness, port uniqueness, resolution rules, endpoint ports. The
-traffic kinds are in `traffic.py`, shared field rules in `fields.py`. It
-must not read files or produce xDS; `istio.py` drives it and owns the
-registry (`Session.services`, `.rules`, `.routed`) the builders fill.
+traffic kinds are in `traffic.py`, shared field rules in `fields.py`.
+PeerAuthentication is built here too (what it means for a node is in
+`security.py`). It must not read files or produce xDS; `istio.py` drives it
+and owns the registry (`Session.services`, `.rules`, `.routed`) the
+builders fill.
 
 A builder reports through its `Build` callable and returns None when
 anything was wrong with its document.
@@ -18,11 +20,14 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from certs.spiffe import validate_trust_domain
 from control.translate import traffic
 from control.translate.fields import keep, protocol, workload
 from control.translate.model import (
     DestinationRule,
     MeshConfig,
+    MtlsMode,
+    PeerAuthentication,
     Resolution,
     ServiceEntry,
     ServicePort,
@@ -34,7 +39,7 @@ from control.translate.model import (
     WorkloadGroup,
     frozen_map,
 )
-from control.translate.schema import child
+from control.translate.schema import child, port_key
 from control.translate.specs import UNENFORCED_KINDS
 
 if TYPE_CHECKING:
@@ -45,6 +50,7 @@ _BUILD_ORDER = (
     "ServiceEntry",
     "WorkloadEntry",
     "WorkloadGroup",
+    "PeerAuthentication",
     "DestinationRule",
     "Sidecar",
     "VirtualService",
@@ -62,6 +68,7 @@ class Built:
     sidecars: list[Sidecar] = field(default_factory=list)
     virtual_services: list[VirtualService] = field(default_factory=list)
     destination_rules: list[DestinationRule] = field(default_factory=list)
+    peer_authentications: list[PeerAuthentication] = field(default_factory=list)
     unenforced: list[UnenforcedPolicy] = field(default_factory=list)
 
 
@@ -69,6 +76,8 @@ def build_all(session: Session, entries: list[Entry]) -> Built:
     built = Built()
     valid = [entry for entry in entries if entry.valid]
     mesh_entry: Entry | None = None
+    # namespace -> its PeerAuthentication without selector
+    namespace_wide: dict[str, PeerAuthentication] = {}
     for kind in _BUILD_ORDER:
         for entry in (e for e in valid if e.kind == kind):
             b = session.builder(entry)
@@ -77,7 +86,7 @@ def build_all(session: Session, entries: list[Entry]) -> Built:
                     b("", f"only one MeshConfig is allowed; the first is in {mesh_entry.doc.file}")
                     continue
                 mesh_entry = entry
-                built.mesh = _mesh_config(entry)
+                built.mesh = _mesh_config(entry, b)
             elif kind == "ServiceEntry":
                 keep(built.service_entries, _service_entry(session, entry, b))
             elif kind == "WorkloadEntry":
@@ -86,6 +95,9 @@ def build_all(session: Session, entries: list[Entry]) -> Built:
                     built.workload_entries.append(WorkloadEntry(entry.meta(), found))
             elif kind == "WorkloadGroup":
                 keep(built.workload_groups, _workload_group(entry, b))
+            elif kind == "PeerAuthentication":
+                found_policy = _peer_authentication(entry, b, namespace_wide)
+                keep(built.peer_authentications, found_policy)
             elif kind == "DestinationRule":
                 keep(built.destination_rules, traffic.destination_rule(session, entry, b))
             elif kind == "Sidecar":
@@ -104,14 +116,58 @@ def build_all(session: Session, entries: list[Entry]) -> Built:
     return built
 
 
-def _mesh_config(entry: Entry) -> MeshConfig:
+def _mesh_config(entry: Entry, b: Build) -> MeshConfig:
     spec = entry.spec
+    trust_domain = spec.get("trustDomain", "cluster.local")
+    try:
+        validate_trust_domain(trust_domain)
+    except ValueError as exc:  # certs' InvalidSpiffeId
+        b("spec.trustDomain", str(exc))
     return MeshConfig(
-        trust_domain=spec.get("trustDomain", "cluster.local"),
+        trust_domain=trust_domain,
         root_namespace=spec.get("rootNamespace", "istio-system"),
         outbound_mode=spec.get("outboundTrafficPolicy", {}).get("mode", "ALLOW_ANY"),
+        enable_auto_mtls=spec.get("enableAutoMtls", True),
         meta=entry.meta() if entry.label != "MeshConfig" else None,
     )
+
+
+def _peer_authentication(
+    e: Entry, b: Build, namespace_wide: dict[str, PeerAuthentication]
+) -> PeerAuthentication | None:
+    """A PeerAuthentication; at most one without selector per namespace (the root's is mesh-wide)."""
+    spec = e.spec
+    labels = spec.get("selector", {}).get("matchLabels")
+    selector = frozen_map(labels) if labels else None
+    ports: dict[int, MtlsMode] = {}
+    raw_ports: dict[Any, dict[str, str]] = spec.get("portLevelMtls", {})
+    if raw_ports and selector is None:
+        b(
+            "spec.portLevelMtls",
+            "portLevelMtls needs a selector with matchLabels (port-level modes apply to "
+            "one workload's ports, not to a whole namespace or the mesh)",
+        )
+    for key, raw in raw_ports.items():
+        number = port_key(key)
+        if number is None:  # the shape check reported it
+            continue
+        if number in ports:
+            b(child("spec.portLevelMtls", key), f"port {number} is listed twice")
+        ports[number] = MtlsMode(raw.get("mode", "UNSET"))
+    other = namespace_wide.get(e.namespace) if selector is None else None
+    if other is not None:
+        b(
+            "spec.selector",
+            f"{other.meta.resource} already applies to every workload in namespace "
+            f"{e.namespace}; only one PeerAuthentication without selector is allowed per namespace",
+        )
+    if b.failed:
+        return None
+    mode = MtlsMode(spec.get("mtls", {}).get("mode", "UNSET"))
+    result = PeerAuthentication(e.meta(), selector, mode, frozen_map(ports))
+    if selector is None:
+        namespace_wide[e.namespace] = result
+    return result
 
 
 def _service_entry(s: Session, e: Entry, b: Build) -> ServiceEntry | None:

@@ -13,7 +13,9 @@ Rules:
   one visible ServiceEntry host with that port. None or several is a
   problem on the Sidecar's egress entry.
 - Ingress "bind_port" (bind default 0.0.0.0), INBOUND, to inbound|port||.
-  HTTP ports carry their (one-route) table inline.
+  HTTP ports carry their (one-route) table inline. The filter chains follow
+  the node's PeerAuthentication mode for the port (`security.py`): one
+  plaintext chain (DISABLE), a "tls" chain (STRICT), or both (PERMISSIVE).
 - An egress entry without a port makes no listener; it only scopes which
   hosts the node sees.
 """
@@ -42,6 +44,7 @@ from control.translate.model import (
 from control.translate.protos import ads, network_filter, packed, socket_address
 from control.translate.routes import Reference, inbound_route_table
 from control.translate.scope import Scope, cluster_name
+from control.translate.security import inbound_chains
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
@@ -58,7 +61,7 @@ def build_listeners(
     if sidecar is None:
         return listeners, referenced
     for ingress in sidecar.ingress:
-        listeners.append(_ingress(ingress))
+        listeners.append(_ingress(scope, ingress))
     for egress in sidecar.egress:
         if egress.port is None:
             continue
@@ -112,17 +115,26 @@ def _listener(
     )
 
 
-def _ingress(ingress: IngressListener) -> listener_pb2.Listener:
+def _ingress(scope: Scope, ingress: IngressListener) -> listener_pb2.Listener:
     port = ingress.port.number
     bind = ingress.bind or "0.0.0.0"
-    if ingress.port.protocol is Protocol.HTTP:
+    protocol = ingress.port.protocol
+    if protocol is Protocol.HTTP:
         config = http_connection_manager(
             f"inbound_0.0.0.0_{port}", route_config=inbound_route_table(port)
         )
         chain = network_filter(HCM_FILTER, config)
     else:
         chain = network_filter(TCP_PROXY_FILTER, tcp_proxy(cluster_name("inbound", port, "", "")))
-    return _listener(f"{bind}_{port}", bind, port, base_pb2.INBOUND, chain)
+    mode = scope.inbound_mode(port)
+    filters, chains = inbound_chains(mode, chain, protocol, scope.config.mesh.trust_domain)
+    return listener_pb2.Listener(
+        name=f"{bind}_{port}",
+        address=socket_address(bind, port),
+        traffic_direction=base_pb2.INBOUND,
+        listener_filters=filters,
+        filter_chains=chains,
+    )
 
 
 def _tcp_target(

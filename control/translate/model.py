@@ -19,15 +19,16 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+K = TypeVar("K", str, int)
 V = TypeVar("V")
 
 # The DNS suffix of Kubernetes-style service names: "reviews" in namespace "default"
 # may name the ServiceEntry host "reviews.default.svc.cluster.local".
 DNS_SUFFIX = "cluster.local"
-EMPTY: Mapping[str, Any] = MappingProxyType({})
+EMPTY: Mapping[Any, Any] = MappingProxyType({})
 
 
-def frozen_map(values: Mapping[str, V] | None) -> Mapping[str, V]:
+def frozen_map(values: Mapping[K, V] | None) -> Mapping[K, V]:
     """A read-only copy with sorted keys (so iteration order is deterministic)."""
     if not values:
         return EMPTY
@@ -55,6 +56,24 @@ class MatchKind(Enum):
     REGEX = "regex"
 
 
+class MtlsMode(Enum):
+    """PeerAuthentication's mutual TLS mode for a workload's inbound traffic."""
+
+    UNSET = "UNSET"  # inherit from the next level (workload -> namespace -> mesh)
+    DISABLE = "DISABLE"  # plaintext only
+    PERMISSIVE = "PERMISSIVE"  # mutual TLS or plaintext, told apart by the TLS inspector
+    STRICT = "STRICT"  # mutual TLS only
+
+
+class TlsMode(Enum):
+    """DestinationRule's client TLS mode for an outbound cluster."""
+
+    DISABLE = "DISABLE"
+    SIMPLE = "SIMPLE"  # TLS, the server verified against caCertificates
+    MUTUAL = "MUTUAL"  # SIMPLE plus a client certificate from files
+    ISTIO_MUTUAL = "ISTIO_MUTUAL"  # mutual TLS with the mesh's certificates (SDS)
+
+
 @dataclass(frozen=True, slots=True)
 class Meta:
     kind: str
@@ -73,6 +92,7 @@ class MeshConfig:
     trust_domain: str = "cluster.local"
     root_namespace: str = "istio-system"
     outbound_mode: str = "ALLOW_ANY"
+    enable_auto_mtls: bool = True
     meta: Meta | None = None
 
 
@@ -230,9 +250,39 @@ class VirtualService:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTls:
+    """A DestinationRule's `tls` (ClientTLSSettings), already checked for consistency."""
+
+    mode: TlsMode
+    path: str  # "spec.trafficPolicy.tls", "spec.subsets[0].trafficPolicy.portLevelSettings[1].tls"
+    sni: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    ca_certificates: str = ""
+    client_certificate: str = ""
+    private_key: str = ""
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    """The parts of a TrafficPolicy that change the xDS output: `tls`, whole and per port."""
+
+    tls: ClientTls | None = None
+    port_tls: Mapping[int, ClientTls] = field(default_factory=lambda: EMPTY)
+
+    def tls_for(self, port: int) -> ClientTls | None:
+        """The port-level `tls` for `port` if there is one, else the policy's own."""
+        return self.port_tls.get(port) or self.tls
+
+
+NO_POLICY = TrafficPolicy()
+
+
+@dataclass(frozen=True, slots=True)
 class Subset:
     name: str
     labels: Mapping[str, str]
+    traffic_policy: TrafficPolicy = NO_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +291,27 @@ class DestinationRule:
     host: str  # resolved to a ServiceEntry host
     subsets: tuple[Subset, ...]
     export_to: tuple[str, ...] = ()
+    traffic_policy: TrafficPolicy = NO_POLICY
+
+    def tls_for(self, subset: str, port: int) -> ClientTls | None:
+        """Istio's precedence: the subset's port level, the subset's, the rule's port level, the rule's."""
+        for candidate in self.subsets:
+            if candidate.name == subset:
+                found = candidate.traffic_policy.tls_for(port)
+                if found is not None:
+                    return found
+        return self.traffic_policy.tls_for(port)
+
+
+# --- security ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAuthentication:
+    meta: Meta
+    selector: Mapping[str, str] | None  # None: every workload of the namespace (or mesh)
+    mode: MtlsMode
+    port_modes: Mapping[int, MtlsMode] = field(default_factory=lambda: EMPTY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,5 +333,6 @@ class ConfigSet:
     sidecars: tuple[Sidecar, ...] = ()
     virtual_services: tuple[VirtualService, ...] = ()
     destination_rules: tuple[DestinationRule, ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
     unenforced: tuple[UnenforcedPolicy, ...] = ()
     files: tuple[str, ...] = ()

@@ -191,6 +191,38 @@ class MapOf(Spec):
             self.value.check(element, child(path, key), report)
 
 
+def port_key(key: object) -> int | None:
+    """The port number a mapping key names (YAML writes 8080, JSON "8080"), or None."""
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        key = int(key)
+    if isinstance(key, int) and 1 <= key <= 65535:
+        return key
+    return None
+
+
+@dataclass(frozen=True)
+class PortMapOf(Spec):
+    """A mapping from port numbers to `value` (such as PeerAuthentication's portLevelMtls)."""
+
+    value: Spec
+    expected = "a mapping"
+
+    def check(self, value: Any, path: str, report: Report) -> None:
+        if not isinstance(value, dict):
+            _wrong_type(self, value, path, report)
+            return
+        for key, element in value.items():
+            here = child(path, key)
+            if port_key(key) is None:
+                report(
+                    here, f"expected a port number (1-65535) as key, got {type_name(key)} {key!r}"
+                )
+            else:
+                self.value.check(element, here, report)
+
+
 @dataclass(frozen=True)
 class Obj(Spec):
     """A mapping with known field names.

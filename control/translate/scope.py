@@ -18,11 +18,14 @@ Rules (Istio's, narrowed to what Pillion implements):
 - Without a Sidecar, or with a Sidecar that has no egress entries, every
   exported service is visible (for clusters); no listeners are made without
   a Sidecar.
+- PeerAuthentications are not scoped by exportTo: the node's own (its
+  inbound mode, from `security.py`) and those of the workloads it calls
+  (for auto mTLS) both apply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from control.translate.errors import Problem
@@ -31,12 +34,14 @@ from control.translate.model import (
     Destination,
     DestinationRule,
     EgressListener,
+    MtlsMode,
     NodeInfo,
     ServiceEntry,
     Sidecar,
     VirtualService,
     labels_match,
 )
+from control.translate.security import PeerPolicies
 
 
 def exported(export_to: Iterable[str], owner_namespace: str, namespace: str) -> bool:
@@ -97,6 +102,8 @@ class Scope:
     services: Mapping[str, ServiceEntry]  # hosts exported to the node, sorted
     routes: Mapping[str, VirtualService]  # host -> VirtualService exported to the node
     rules: Mapping[str, DestinationRule]  # host -> DestinationRule exported to the node
+    peers: PeerPolicies  # every PeerAuthentication, for the modes of destination workloads
+    inbound_mode: Callable[[int], MtlsMode]  # the node's own mTLS mode per ingress port
 
     @classmethod
     def of(cls, config: ConfigSet, node: NodeInfo, problems: list[Problem]) -> Scope:
@@ -119,7 +126,9 @@ class Scope:
             if exported(dr.export_to, dr.meta.namespace, namespace)
         }
         sidecar = select_sidecar(config, node, problems)
-        return cls(config, node, sidecar, registry, services, routes, rules)
+        peers = PeerPolicies(config)
+        inbound_mode = peers.for_node(node, problems)
+        return cls(config, node, sidecar, registry, services, routes, rules, peers, inbound_mode)
 
     def visible(self, egress: EgressListener) -> list[str]:
         """Hosts (sorted) that `egress` lets the node reach."""

@@ -7,8 +7,9 @@ It must not build objects or check anything that spans fields or documents;
 
 Strategy: one constant per Istio message, named after it, composed the way the
 Istio API composes them, so a reader can hold this file next to Istio's
-reference pages. Kinds that are parsed but not enforced yet (security,
-telemetry) are described in full too, so their shape is already checked.
+reference pages. Kinds that are parsed but not enforced yet (authorization,
+request authentication, telemetry) are described in full too, so their shape
+is already checked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from control.translate.schema import (
     MapOf,
     Number,
     Obj,
+    PortMapOf,
     Spec,
     Str,
 )
@@ -229,13 +231,32 @@ LOAD_BALANCER = Obj(
     },
     unsupported=("consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"),
 )
+CLIENT_TLS_SETTINGS = Obj(
+    {
+        "mode": Enum(("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")),
+        "clientCertificate": STR,
+        "privateKey": STR,
+        "caCertificates": STR,
+        "subjectAltNames": STRS,
+        "sni": STR,
+        "insecureSkipVerify": BOOL,
+    },
+    unsupported=("credentialName", "caCrl"),
+)
+PORT_TRAFFIC_POLICY = Obj(
+    {"port": Obj({"number": PORT}, required=("number",)), "tls": CLIENT_TLS_SETTINGS},
+    required=("port",),
+    unsupported=("loadBalancer", "connectionPool", "outlierDetection"),
+)
 TRAFFIC_POLICY = Obj(
-    {"loadBalancer": LOAD_BALANCER},
+    {
+        "loadBalancer": LOAD_BALANCER,
+        "tls": CLIENT_TLS_SETTINGS,
+        "portLevelSettings": ListOf(PORT_TRAFFIC_POLICY),
+    },
     unsupported=(
         "connectionPool",
         "outlierDetection",
-        "tls",
-        "portLevelSettings",
         "tunnel",
         "proxyProtocol",
         "retryBudget",
@@ -245,7 +266,10 @@ DESTINATION_RULE = Obj(
     {
         "host": STR,
         "subsets": ListOf(
-            Obj({"name": STR, "labels": LABELS}, required=("name",), unsupported=("trafficPolicy",))
+            Obj(
+                {"name": STR, "labels": LABELS, "trafficPolicy": TRAFFIC_POLICY},
+                required=("name",),
+            )
         ),
         "trafficPolicy": TRAFFIC_POLICY,
         "exportTo": STRS,
@@ -254,7 +278,8 @@ DESTINATION_RULE = Obj(
     unsupported=("workloadSelector",),
 )
 
-# --- security and telemetry (parsed, not enforced yet) -----------------------
+# --- security and telemetry -------------------------------------------------
+# PeerAuthentication is enforced; the others are parsed but not enforced yet.
 
 _TARGETS: Mapping[str, Spec] = {
     "selector": LABEL_SELECTOR,
@@ -325,7 +350,7 @@ AUTHORIZATION_POLICY = Obj(
 )
 MTLS_MODE = Obj({"mode": Enum(("UNSET", "DISABLE", "PERMISSIVE", "STRICT"))})
 PEER_AUTHENTICATION = Obj(
-    {"selector": LABEL_SELECTOR, "mtls": MTLS_MODE, "portLevelMtls": MapOf(STR, MTLS_MODE)}
+    {"selector": LABEL_SELECTOR, "mtls": MTLS_MODE, "portLevelMtls": PortMapOf(MTLS_MODE)}
 )
 JWT_RULE = Obj(
     {
@@ -411,6 +436,7 @@ MESH_CONFIG = Obj(
         "trustDomain": STR,
         "rootNamespace": STR,
         "outboundTrafficPolicy": Obj({"mode": Enum(("REGISTRY_ONLY", "ALLOW_ANY"))}),
+        "enableAutoMtls": BOOL,
     },
     unsupported=(
         "defaultConfig",
@@ -448,6 +474,4 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "security.istio.io": ("v1beta1", "v1"),
     "telemetry.istio.io": ("v1alpha1", "v1"),
 }
-UNENFORCED_KINDS = frozenset(
-    {"AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication", "Telemetry"}
-)
+UNENFORCED_KINDS = frozenset({"AuthorizationPolicy", "RequestAuthentication", "Telemetry"})

@@ -2,6 +2,7 @@
 
 Owns: the meaning of their fields beyond shape: host and subset references
 (resolved against the ServiceEntries already built), subset uniqueness,
+DestinationRule client TLS settings (whole, per subset, per port),
 Sidecar listener conflicts, default endpoints and egress host patterns, HTTP
 matches, route weights and timeouts, TCP routes. Reports through `Build`;
 returns None for a document with any problem. No files, no xDS.
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from control.translate.fields import WILDCARD_BINDS, ip, keep, protocol, regex
 from control.translate.model import (
+    NO_POLICY,
+    ClientTls,
     Destination,
     DestinationRule,
     EgressListener,
@@ -25,6 +28,8 @@ from control.translate.model import (
     StringMatch,
     Subset,
     TcpRoute,
+    TlsMode,
+    TrafficPolicy,
     VirtualService,
     frozen_map,
 )
@@ -38,9 +43,12 @@ def destination_rule(s: Session, e: Entry, b: Build) -> DestinationRule | None:
     host = s.resolve(e.spec["host"], e.namespace, "spec.host", b)
     subsets: list[Subset] = []
     for i, raw in enumerate(e.spec.get("subsets", [])):
+        path = f"spec.subsets[{i}]"
         if any(subset.name == raw["name"] for subset in subsets):
-            b(f"spec.subsets[{i}].name", f"subset {raw['name']!r} is defined twice")
-        subsets.append(Subset(raw["name"], frozen_map(raw.get("labels"))))
+            b(f"{path}.name", f"subset {raw['name']!r} is defined twice")
+        policy = _traffic_policy(s, host, raw.get("trafficPolicy", {}), f"{path}.trafficPolicy", b)
+        subsets.append(Subset(raw["name"], frozen_map(raw.get("labels")), policy))
+    policy = _traffic_policy(s, host, e.spec.get("trafficPolicy", {}), "spec.trafficPolicy", b)
     if host is not None and host in s.rules:
         other = s.rules[host].meta
         b(
@@ -52,9 +60,87 @@ def destination_rule(s: Session, e: Entry, b: Build) -> DestinationRule | None:
         if host is not None:
             s.broken_rule_hosts.add(host)
         return None
-    rule = DestinationRule(e.meta(), host, tuple(subsets), tuple(e.spec.get("exportTo", [])))
+    rule = DestinationRule(
+        e.meta(), host, tuple(subsets), tuple(e.spec.get("exportTo", [])), policy
+    )
     s.rules[host] = rule
     return rule
+
+
+def _traffic_policy(
+    s: Session, host: str | None, raw: dict[str, Any], path: str, b: Build
+) -> TrafficPolicy:
+    """The `tls` of a TrafficPolicy, whole and per port (the only part that changes the output)."""
+    tls = _client_tls(raw["tls"], f"{path}.tls", b) if "tls" in raw else None
+    ports: dict[int, ClientTls] = {}
+    seen: set[int] = set()
+    for i, setting in enumerate(raw.get("portLevelSettings", [])):
+        here = f"{path}.portLevelSettings[{i}]"
+        number = setting["port"]["number"]
+        if number in seen:
+            b(f"{here}.port.number", f"port {number} is listed twice")
+        elif host is not None and s.services[host].port(number) is None:
+            b(f"{here}.port.number", f"host {host} has no port {number}")
+        seen.add(number)
+        if "tls" in setting:
+            ports[number] = _client_tls(setting["tls"], f"{here}.tls", b)
+    if tls is None and not ports:
+        return NO_POLICY
+    return TrafficPolicy(tls, frozen_map(ports))
+
+
+_FILES = ("clientCertificate", "privateKey", "caCertificates")
+
+
+def _client_tls(raw: dict[str, Any], path: str, b: Build) -> ClientTls:
+    """ClientTLSSettings, refusing settings the mode would ignore or cannot work without."""
+    mode = TlsMode(raw.get("mode", "DISABLE"))
+    skip = bool(raw.get("insecureSkipVerify", False))
+    if mode is TlsMode.DISABLE:
+        for name in sorted(set(raw) - {"mode"}):
+            b(f"{path}.{name}", "only used with mode SIMPLE, MUTUAL or ISTIO_MUTUAL")
+    elif mode is TlsMode.ISTIO_MUTUAL:
+        for name in (n for n in _FILES if n in raw):
+            b(
+                f"{path}.{name}",
+                "ISTIO_MUTUAL uses the mesh's certificates; use mode MUTUAL for certificate files",
+            )
+        if skip:
+            b(f"{path}.insecureSkipVerify", "not allowed with ISTIO_MUTUAL")
+    else:
+        if mode is TlsMode.SIMPLE:
+            for name in ("clientCertificate", "privateKey"):
+                if name in raw:
+                    b(f"{path}.{name}", "only used with mode MUTUAL")
+        else:
+            for name in ("clientCertificate", "privateKey"):
+                if not raw.get(name):
+                    b(f"{path}.{name}", "MUTUAL TLS needs clientCertificate and privateKey")
+        if skip:
+            for name in ("caCertificates", "subjectAltNames"):
+                if name in raw:
+                    b(
+                        f"{path}.{name}",
+                        "insecureSkipVerify turns this check off; set one or the other",
+                    )
+        elif not raw.get("caCertificates"):
+            b(
+                f"{path}.caCertificates",
+                f"{mode.value} TLS needs caCertificates (no system trust store is used)",
+            )
+    for j, name in enumerate(raw.get("subjectAltNames", [])):
+        if not name:
+            b(f"{path}.subjectAltNames[{j}]", "must not be empty")
+    return ClientTls(
+        mode=mode,
+        path=path,
+        sni=raw.get("sni", ""),
+        subject_alt_names=tuple(raw.get("subjectAltNames", [])),
+        ca_certificates=raw.get("caCertificates", ""),
+        client_certificate=raw.get("clientCertificate", ""),
+        private_key=raw.get("privateKey", ""),
+        insecure_skip_verify=skip,
+    )
 
 
 # --- Sidecar ----------------------------------------------------------------------

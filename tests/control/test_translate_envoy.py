@@ -14,6 +14,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from control.translate import NodeInfo, load_text, translate
 from control.translate.bootstrap import envoy_bootstrap
 from tests.control.test_translate_resources import NODE, TEXT
+from tests.control.translate_fixtures import write_mesh_certs
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 WEIGHTED_VS = """\
@@ -63,7 +64,10 @@ spec:
 
 def test_bootstrap_inlines_routes_and_endpoints() -> None:
     resources = translate(load_text(TEXT), NODE)
-    bootstrap = envoy_bootstrap(resources, admin_port=15999)
+    # The ingress listeners are PERMISSIVE (no PeerAuthentication): their TLS chain names
+    # the SDS secrets, which a static bootstrap takes from files.
+    secrets = {"default": ("chain.pem", "key.pem"), "ROOTCA": "root.pem"}
+    bootstrap = envoy_bootstrap(resources, admin_port=15999, secrets=secrets)
     assert bootstrap["admin"]["address"]["socket_address"] == {
         "address": "127.0.0.1",
         "port_value": 15999,
@@ -99,7 +103,8 @@ def test_envoy_validates_the_translated_config(tmp_path: Path, case: str) -> Non
         )
         resources = translate(load_text(WEIGHTED_VS + sidecar), NodeInfo())
     path = tmp_path / "bootstrap.json"
-    path.write_text(json.dumps(envoy_bootstrap(resources, admin_port=0), indent=1))
+    secrets = write_mesh_certs(tmp_path)
+    path.write_text(json.dumps(envoy_bootstrap(resources, admin_port=0, secrets=secrets), indent=1))
     result = subprocess.run(
         [str(ENVOY), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
         capture_output=True,

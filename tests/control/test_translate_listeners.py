@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from envoy.config.core.v3 import base_pb2
-from envoy.config.listener.v3 import listener_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
@@ -30,9 +30,17 @@ def listener_names(text: str, node: NodeInfo) -> list[str]:
     return [listener.name for listener in translate(load_text(text), node).listeners]
 
 
+def only_filter(listener: listener_pb2.Listener) -> listener_components_pb2.Filter:
+    """The network filter every chain carries (ingress listeners have a TLS and a plaintext chain
+    by default: PERMISSIVE mutual TLS)."""
+    filters = [chain.filters for chain in listener.filter_chains]
+    (network_filter,) = filters[0]
+    assert all(list(other) == [network_filter] for other in filters)
+    return network_filter
+
+
 def hcm_of(listener: listener_pb2.Listener) -> hcm.HttpConnectionManager:
-    (chain,) = listener.filter_chains
-    (network_filter,) = chain.filters
+    network_filter = only_filter(listener)
     assert network_filter.name == "envoy.filters.network.http_connection_manager"
     config = hcm.HttpConnectionManager()
     assert network_filter.typed_config.Unpack(config)
@@ -40,8 +48,7 @@ def hcm_of(listener: listener_pb2.Listener) -> hcm.HttpConnectionManager:
 
 
 def tcp_of(listener: listener_pb2.Listener) -> tcp_proxy_pb2.TcpProxy:
-    (chain,) = listener.filter_chains
-    (network_filter,) = chain.filters
+    network_filter = only_filter(listener)
     assert network_filter.name == "envoy.filters.network.tcp_proxy"
     config = tcp_proxy_pb2.TcpProxy()
     assert network_filter.typed_config.Unpack(config)
@@ -129,6 +136,8 @@ def test_ingress_listener_and_cluster() -> None:
     assert isinstance(listener, listener_pb2.Listener)
     assert listener.traffic_direction == base_pb2.INBOUND
     assert listener.address.socket_address.address == "0.0.0.0"
+    # No PeerAuthentication: Istio's default, PERMISSIVE (security tests cover the modes).
+    assert [chain.name for chain in listener.filter_chains] == ["tls", "plaintext"]
     config = hcm_of(listener)
     assert config.stat_prefix == "inbound_0.0.0.0_9090"
     assert not config.HasField("rds")

@@ -206,12 +206,6 @@ spec:
     ("kind", "api_version", "spec", "what"),
     [
         (
-            "PeerAuthentication",
-            "security.istio.io/v1",
-            "{mtls: {mode: STRICT}}",
-            "a security policy",
-        ),
-        (
             "RequestAuthentication",
             "security.istio.io/v1",
             "{jwtRules: [{issuer: https://issuer.example, jwksUri: https://issuer.example/keys}]}",

@@ -113,3 +113,61 @@ def named(resources: Resources) -> dict[str, object]:
     for assignment in resources.endpoints:
         table[f"cla:{assignment.cluster_name}"] = assignment
     return table
+
+
+def write_mesh_certs(
+    directory: Path, trust_domain: str = "cluster.local"
+) -> dict[str, str | tuple[str, str]]:
+    """A throwaway root CA and one workload certificate (EC P-256) as PEM files in `directory`.
+
+    Returns the `secrets` argument of `envoy_bootstrap`:
+    {"default": (chain path, key path), "ROOTCA": root path}.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pillion test root")])
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(root_name)
+        .issuer_name(root_name)
+        .public_key(root_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(root_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}/ns/default/sa/default")]
+            ),
+            critical=True,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "root.pem").write_bytes(root.public_bytes(pem))
+    (directory / "cert-chain.pem").write_bytes(leaf.public_bytes(pem) + root.public_bytes(pem))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return {
+        "default": (str(directory / "cert-chain.pem"), str(directory / "key.pem")),
+        "ROOTCA": str(directory / "root.pem"),
+    }
