@@ -63,16 +63,25 @@ class CertManager:
         self.last_error = ""
         self.renew_at: dt.datetime | None = None
         self.have_cert = asyncio.Event()
+        self.attempted = asyncio.Condition()  # notified after every attempt, good or bad
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``pred()`` holds, re-checked after each attempt (for tests and tools)."""
+        async with self.attempted:
+            await asyncio.wait_for(self.attempted.wait_for(pred), timeout)
 
     async def run(self, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set():
             try:
+                fetched = self.clock()
                 await self.fetch()
                 attempt = 0
                 assert self.leaf is not None
-                self.renew_at = renew_at(self.leaf.not_valid_before_utc, self.leaf.not_valid_after_utc,
-                                         self.clock(), rng=self.rng)
+                # Half of the lifetime from when we got it: the CA backdates notBefore for clock
+                # skew, which must not pull renewal forward (with short certificates it would loop).
+                start = max(self.leaf.not_valid_before_utc, fetched)
+                self.renew_at = renew_at(start, self.leaf.not_valid_after_utc, self.clock(), rng=self.rng)
                 delay = max(0.0, (self.renew_at - self.clock()).total_seconds())
             except (grpc.aio.AioRpcError, OSError, ValueError) as e:
                 self.failures += 1
@@ -81,6 +90,8 @@ class CertManager:
                 delay = min(self.backoff_max, self.backoff_base * 2 ** min(attempt, 10)) * (0.5 + self.rng.random())
                 log.warning("certificate from %s failed (%s); %s; retrying in %.1fs", self.ca_address,
                             self.last_error, "keeping the current one" if self.leaf else "no certificate yet", delay)
+            async with self.attempted:
+                self.attempted.notify_all()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
@@ -111,12 +122,12 @@ class CertManager:
         self.leaf = chain[0]
         self.secrets = (default, rootca)
         self.last_error = ""
-        await self.on_change(self.secrets)
         if renewed:
             self.renewals += 1
+        self.have_cert.set()
+        await self.on_change(self.secrets)
         log.info("certificate for %s %s, valid until %s", self.identity, "renewed" if renewed else "obtained",
                  self.leaf.not_valid_after_utc.isoformat())
-        self.have_cert.set()
 
     def status(self) -> dict[str, Any]:
         leaf = self.leaf

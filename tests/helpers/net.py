@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httptools
 
@@ -188,12 +189,15 @@ class ProxyHandle:
 @contextlib.asynccontextmanager
 async def standalone_proxy(config_dir: Path, *, labels: dict[str, str] | None = None, namespace: str = "default",
                            watch: bool = False, drain_seconds: float = 2.0, tick_seconds: float = 1.0,
-                           cert_dir: Path | None = None) -> AsyncIterator[ProxyHandle]:
-    """A proxy on this test's event loop, in standalone mode, ready when yielded."""
+                           cert_dir: Path | None = None, wait_ready: bool = True,
+                           **extra: Any) -> AsyncIterator[ProxyHandle]:
+    """A proxy on this test's event loop, in standalone mode, ready when yielded.
+
+    ``extra``: further ProxyOptions fields (service_account, ca_address, token_file, ...)."""
     opts = ProxyOptions(config_dir=str(config_dir), admin_port=0, labels=labels or {"app": "client"},
                         namespace=namespace, watch=watch, drain_seconds=drain_seconds, tick_seconds=tick_seconds,
-                        cert_dir=str(cert_dir) if cert_dir else None)
-    async with running_proxy(opts, config_dir) as handle:
+                        cert_dir=str(cert_dir) if cert_dir else None, **extra)
+    async with running_proxy(opts, config_dir, wait_ready=wait_ready) as handle:
         yield handle
 
 
