@@ -160,6 +160,7 @@ def secret(msg: secret_pb2.Secret) -> model.Secret:
         chain, key = tc.certificate_chain, tc.private_key
         if chain.WhichOneof("specifier") != "inline_bytes" or key.WhichOneof("specifier") != "inline_bytes":
             raise ctx.fail("tls_certificate", "certificate_chain and private_key must be inline_bytes")
+        _check_pair(ctx, chain.inline_bytes, key.inline_bytes)
         return model.Secret(msg.name, cert_chain=chain.inline_bytes, key=key.inline_bytes)
     if msg.HasField("validation_context"):
         vc = msg.validation_context
@@ -168,6 +169,22 @@ def secret(msg: secret_pb2.Secret) -> model.Secret:
             raise ctx.fail("validation_context.trusted_ca", "must be inline_bytes")
         return model.Secret(msg.name, roots=vc.trusted_ca.inline_bytes)
     raise ctx.fail("", "tls_certificate or validation_context is required")
+
+
+def _check_pair(ctx: Failer, chain_pem: bytes, key_pem: bytes) -> None:
+    """The key must belong to the chain's first certificate: a half-written rotation (new
+    chain, old key) is refused here, so the old secret keeps serving."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, IndexError, TypeError) as e:
+        raise ctx.fail("tls_certificate", f"unreadable certificate or key: {e}") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise ctx.fail("tls_certificate.private_key", "does not match the certificate chain's leaf")
 
 
 def socket_matches(ctx: Failer, matches: Any, path: str) -> list[tuple[dict[str, str], model.TlsClient | None]]:

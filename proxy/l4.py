@@ -112,7 +112,7 @@ class TcpDownstream(asyncio.Protocol):
             if ep.tls is not None and not sans_allowed(ep.tls.peer_sans, peer_of(transport)):
                 transport.abort()
                 raise ssl.SSLError("peer is not an expected identity (wrong_san)")
-        except (OSError, TimeoutError, MissingSecret) as e:
+        except (OSError, TimeoutError, MissingSecret, ValueError) as e:
             if isinstance(e, ssl.SSLError | MissingSecret):
                 self.ctx.tls.count_failure(failure_reason(e) if isinstance(e, ssl.SSLError) else "no_certificate")
             stats.cx_connect_fail += 1

@@ -121,9 +121,9 @@ class TlsServerSocket:
         if first == b"\x16" and tls_spec is not None:
             try:
                 sslctx = provider.server_context(tls_spec)
-            except MissingSecret as e:
+            except (MissingSecret, ssl.SSLError, ValueError) as e:
                 provider.count_failure("no_certificate")
-                log.warning("listener %s: no certificate (secret %s) to terminate TLS with", spec.name, e)
+                log.warning("listener %s: no usable certificate (%s) to terminate TLS with", spec.name, e)
                 close_quietly(conn)
                 return
             loop.create_task(self._serve(conn, sslctx))

@@ -292,7 +292,7 @@ class Pool:
         stats = self.stats
         try:
             ssl_args = tls_client_args(self.tls, self.provider)
-        except MissingSecret as e:
+        except (MissingSecret, ssl.SSLError, ValueError) as e:
             log.warning("no certificate (secret %s) yet for TLS to %s:%s", e, self.host, self.port)
             stats.cx_connect_fail += 1
             done(None, TlsError("missing secret"))

@@ -149,3 +149,23 @@ async def test_sidecar_to_sidecar_mtls_and_identity_check(tmp_path, pki):
             r = await one_request(egress, b"GET / HTTP/1.1\r\nhost: reviews.default.svc.cluster.local\r\n\r\n")
             assert r.status == 503 and r.header("x-pillion-flags") == "UF"
             assert b"TLS error: wrong_san" in r.body
+
+
+async def test_mismatched_certificate_and_key_is_refused_and_the_old_pair_keeps_serving(tmp_path, pki):
+    """A rotation caught half-written (new chain, old key) must not take the listener down."""
+    async with RecordingUpstream("reviews-app") as app:
+        egress, ingress = free_port(), free_port()
+        (tmp_path / "cfg").mkdir()
+        (tmp_path / "cfg" / "mesh.yaml").write_text(two_sidecar_mesh(egress, ingress, app.port))
+        certs = pki.issue(tmp_path / "reviews-certs", "default", "reviews")
+        async with standalone_proxy(tmp_path / "cfg", labels={"app": "reviews"}, cert_dir=certs, watch=True) as px:
+            await make_inbound_tls(px, plaintext=True)
+            other = pki.issue(tmp_path / "other", "default", "reviews")
+            (certs / "key.pem").write_bytes((other / "key.pem").read_bytes())  # key of another certificate
+            sup = px.supervisor
+            async with sup.reload_attempts:
+                await asyncio.wait_for(sup.reload_attempts.wait_for(lambda: sup.reloads_failed >= 1), 10)
+            assert any("private_key" in p and "does not match" in p for p in sup.last_error), sup.last_error
+            # The listener still terminates TLS with the previous, consistent pair.
+            status, _, _ = await tls_get(ingress, client_context(pki, tmp_path / "c1"))
+            assert status == 200
