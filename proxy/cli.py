@@ -15,7 +15,7 @@ import sys
 
 from proxy.options import ProxyOptions
 
-CONTROL_COMMANDS = ("control", "validate", "demo")
+CONTROL_COMMANDS = ("control", "status", "validate", "demo")
 
 
 def _labels(text: str) -> dict[str, str]:
