@@ -65,3 +65,29 @@ async def test_envoy_acks_every_type_and_routes(tmp_path: Path) -> None:
             envoy.stop()
         for app in apps.values():
             await app.stop()
+
+
+async def test_pillion_follows_the_same_server_and_routes_the_same(tmp_path: Path) -> None:
+    """The same YAML, the same control server, the same assertions: Pillion agrees with Envoy."""
+    from tests.helpers.net import xds_proxy
+
+    apps = await start_apps()
+    listen_port = free_port()
+    config_dir = tmp_path / "mesh"
+    config_dir.mkdir()
+    (config_dir / "mesh.yaml").write_text(routing_mesh(listen_port, apps))
+    options = ControlOptions(str(config_dir), xds_port=0, debug_port=0, watch=False)
+    try:
+        async with ControlServer(options) as server, \
+                xds_proxy(f"127.0.0.1:{server.xds_port}", labels={"app": "client"}) as px:
+            node_id = px.supervisor.xds.identity.node().id
+            types = await wait_acked(server, node_id)
+            for name, state in types.items():
+                assert state["acked_version"] == state["sent_version"], name
+                assert state["last_nack"] is None, (name, state["last_nack"])
+            await wait_routable(listen_port)
+            await assert_routing(listen_port)
+            assert apps["v2"].requests >= 1 and apps["v3"].requests >= 1
+    finally:
+        for app in apps.values():
+            await app.stop()
