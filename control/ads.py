@@ -65,7 +65,7 @@ from control.translate import NodeInfo
 log = logging.getLogger("pillion.control.ads")
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-KNOWN_TYPES = frozenset((*PUSH_ORDER, SDS))  # SDS: accepted, nothing served yet
+KNOWN_TYPES = frozenset(PUSH_ORDER)  # SDS serves the public ROOTCA when the server is the CA
 WILDCARD_TYPES = frozenset((CDS, LDS))
 
 
@@ -282,7 +282,7 @@ class AdsStream:
     def status(self) -> dict[str, Any]:
         identity = self.identity
         types: dict[str, Any] = {}
-        for type_url in (*PUSH_ORDER, SDS):
+        for type_url in PUSH_ORDER:
             state = self.types[type_url]
             if type_url == SDS and not state.subscribed:
                 continue

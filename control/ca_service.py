@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from certs import ca as ca_mod
 from certs import tokens
@@ -96,6 +97,12 @@ class CaService:
         self.denied: Counter[str] = Counter()
 
     # --- wiring ------------------------------------------------------------------------
+
+    def trust_bundle_secret(self) -> Any:
+        """The mesh roots as the SDS secret Istio names ``ROOTCA`` (public: no key in it)."""
+        sec = secret_pb2.Secret(name="ROOTCA")
+        sec.validation_context.trusted_ca.inline_bytes = certs_to_pem([self.authority.root])
+        return sec
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register CreateCertificate on ``server`` (before ``server.start()``)."""

@@ -41,7 +41,7 @@ EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 SDS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-PUSH_ORDER = (CDS, EDS, LDS, RDS)
+PUSH_ORDER = (SDS, CDS, EDS, LDS, RDS)  # secrets first: clusters and listeners name them
 SHORT = {CDS: "CDS", EDS: "EDS", LDS: "LDS", RDS: "RDS", SDS: "SDS"}
 CONTROL_PLANE_ID = "pillion"
 _RESOURCES_FIELD = 2  # DiscoveryResponse.resources
@@ -105,9 +105,10 @@ def _version(items: Iterable[tuple[str, Entry]]) -> str:
 class NodeResources:
     """One node key's translation, prepared for rendering. Immutable once built; shared by streams."""
 
-    def __init__(self, resources: Resources, nonces: Iterator[int]) -> None:
+    def __init__(self, resources: Resources, nonces: Iterator[int], secrets: Iterable[Message] = ()) -> None:
         self.nonces = nonces
         self.entries: dict[str, dict[str, Entry]] = {
+            SDS: {s.name: Entry.of(s) for s in secrets},  # public ones only: the mesh's ROOTCA
             CDS: {c.name: Entry.of(c) for c in resources.clusters},
             EDS: {e.cluster_name: Entry.of(e) for e in resources.endpoints},
             LDS: {li.name: Entry.of(li) for li in resources.listeners},
@@ -190,6 +191,9 @@ class ResourceCache:
     generation: int = 0
     translations: int = 0  # how many times translate() ran (tests and benchmarks read it)
     nonces: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    # Secrets every node may ask for by name over SDS: the CA's trust bundle as "ROOTCA".
+    # Never a private key: a workload's "default" certificate comes from its own CSR.
+    secrets: tuple[Message, ...] = ()
     _slots: dict[NodeInfo, _Slot] = field(default_factory=dict)
 
     def update(self, config: ConfigSet) -> None:
@@ -218,7 +222,7 @@ class ResourceCache:
         slot.generation = self.generation
         self.translations += 1
         try:
-            fresh = NodeResources(translate(self.config, key), self.nonces)
+            fresh = NodeResources(translate(self.config, key), self.nonces, self.secrets)
         except Exception as exc:  # ConfigError; anything else is a translator bug, kept from proxies too
             if isinstance(exc, ConfigError):
                 problems = tuple(str(problem) for problem in exc.problems)

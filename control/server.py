@@ -104,6 +104,7 @@ class ControlServer:
                 load_or_create_ca(state, self.options.trust_domain), load_or_create_token_key(state)
             )
             self.ca.add_to_server(server)
+            self.cache.secrets = (self.ca.trust_bundle_secret(),)
         bound = server.add_insecure_port(f"{_host(self.options.address)}:{self.options.xds_port}")
         if bound == 0:
             raise OSError(f"cannot bind the xDS port {self.options.address}:{self.options.xds_port}")

@@ -32,6 +32,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
@@ -46,11 +47,15 @@ CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SDS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 _MESSAGES: dict[str, Any] = {
     CDS: cluster_pb2.Cluster, EDS: endpoint_pb2.ClusterLoadAssignment,
-    LDS: listener_pb2.Listener, RDS: route_pb2.RouteConfiguration,
+    LDS: listener_pb2.Listener, RDS: route_pb2.RouteConfiguration, SDS: secret_pb2.Secret,
 }
-SHORT = {CDS: "CDS", EDS: "EDS", LDS: "LDS", RDS: "RDS"}
+SHORT = {CDS: "CDS", EDS: "EDS", LDS: "LDS", RDS: "RDS", SDS: "SDS"}
+# The secrets Istio's resources name: the mesh roots (served by the control server when it is
+# the CA) and the workload certificate (made locally by the CertManager; never sent by a server).
+SECRET_NAMES = ("ROOTCA", "default")
 INVALID_ARGUMENT = 3
 
 
@@ -102,7 +107,7 @@ class XdsClient:
         self.rng = rng or random.Random()
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self.types: dict[str, TypeState] = {t: TypeState() for t in (CDS, EDS, LDS, RDS)}
+        self.types: dict[str, TypeState] = {t: TypeState() for t in (CDS, EDS, LDS, RDS, SDS)}
         self.connected = False
         self.connects = 0
         self.applied_version = ""
@@ -141,7 +146,7 @@ class XdsClient:
             # (Re)subscribe, telling the server what we already hold (resync).
             for t in (CDS, LDS):
                 self._subscribe(t)
-            for t in (EDS, RDS):
+            for t in (EDS, RDS, SDS):
                 if self.types[t].names:
                     self._subscribe(t)
             stopper = asyncio.ensure_future(stop.wait())
@@ -220,6 +225,8 @@ class XdsClient:
             self._resubscribe(EDS, sorted(_eds_names(fresh.values())))
         elif t == LDS:
             self._resubscribe(RDS, sorted(_rds_names(fresh.values())))
+        if t in (CDS, LDS) and not self.types[SDS].names:
+            self._resubscribe(SDS, list(SECRET_NAMES))
 
     def _nack(self, type_url: str, version: str, error: str) -> None:
         st = self.types[type_url]
@@ -250,6 +257,7 @@ class XdsClient:
             routes=tuple(ty[RDS].resources[n] for n in sorted(rds_needed)),
             clusters=tuple(ty[CDS].resources.values()),
             endpoints=tuple(ty[EDS].resources[n] for n in sorted(eds_needed)),
+            secrets=tuple(ty[SDS].resources[n] for n in sorted(ty[SDS].resources)),
         )
         snap = compile_snapshot(res)
         if snap.version == self.applied_version:

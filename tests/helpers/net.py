@@ -231,6 +231,16 @@ async def _admin_up(sup: Supervisor) -> None:
         await asyncio.sleep(0)
 
 
+async def eventually(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``pred`` on every loop iteration until true; fail at the deadline (no fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met before the deadline")
+        await asyncio.sleep(0)
+
+
 def wait_until(pred: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
     """Poll ``pred`` until true or the deadline passes (for subprocess tests)."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 
 from tests.helpers.ads import CDS, EDS, LDS, RDS, ScriptedAds, acks, nacks, resources_from_yaml
 from tests.helpers.config import HOST, simple_mesh
-from tests.helpers.net import RawClient, free_port, one_request, xds_proxy
+from tests.helpers.net import RawClient, eventually, free_port, one_request, xds_proxy
 from tests.helpers.upstreams import RecordingUpstream
 
 LABELS = {"app": "client"}
@@ -116,3 +116,23 @@ async def test_not_ready_until_first_config_and_keeps_serving_while_the_server_i
                 assert px.supervisor.xds.connects >= 2
             finally:
                 await ads.stop()
+
+
+async def test_trust_bundle_arrives_as_the_rootca_secret(tmp_path):
+    """With the control server as the CA, the mesh roots are served over SDS as ``ROOTCA``."""
+    from control.server import ControlOptions, ControlServer
+
+    async with RecordingUpstream("one") as one:
+        port = free_port()
+        cfg = tmp_path / "cfg"
+        cfg.mkdir()
+        (cfg / "mesh.yaml").write_text(simple_mesh(port, [one.port]))
+        opts = ControlOptions(str(cfg), xds_port=0, debug_port=0, watch=False, ca_state_dir=str(tmp_path / "ca"))
+        async with ControlServer(opts) as server, xds_proxy(f"127.0.0.1:{server.xds_port}") as px:
+            root = (tmp_path / "ca" / "root-cert.pem").read_bytes()
+            sup = px.supervisor
+            await eventually(lambda: "ROOTCA" in sup.snapshot.secrets)
+            status = px.supervisor.xds.status()["types"]["SDS"]
+            assert status["resources"] == 1 and status["acks"] >= 1
+            assert px.supervisor.snapshot.secrets["ROOTCA"].roots == root
+            assert "default" not in px.supervisor.snapshot.secrets  # never a private key over xDS
