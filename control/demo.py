@@ -261,7 +261,15 @@ async def run_demo(duration: float, keep_dir: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pillion demo", description="Run a local demo: an app behind a sidecar.")
+    """``pillion demo``: the bookinfo mesh (control server, six apps, six sidecars); ``--sidecar``:
+    the one-sidecar standalone tour."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--sidecar" not in argv:
+        from control.demo_mesh import main as mesh_main
+
+        return mesh_main(argv)
+    argv.remove("--sidecar")
+    ap = argparse.ArgumentParser(prog="pillion demo --sidecar", description="One app behind one sidecar, standalone.")
     ap.add_argument("--duration", type=float, default=0.0, help="keep driving traffic for this many seconds")
     ap.add_argument("--keep", action="store_true", help="keep the temporary config dir and proxy log")
     args = ap.parse_args(argv)

@@ -59,32 +59,90 @@ class _AppConn(asyncio.Protocol):
         self.body += len(body)
 
     def on_message_complete(self) -> None:
+        if self.app.calls:
+            # Fan out to the upstream services first (through this app's sidecar), then answer.
+            if self.transport is not None:
+                self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._answer_after_calls(
+                self.parser.get_method().decode(), self.url.decode("latin-1"), dict(self.headers),
+                self.parser.should_keep_alive()))
+            return
+        self._answer(self.parser.get_method().decode(), self.url.decode("latin-1"), self.headers,
+                     self.parser.should_keep_alive(), [])
+
+    async def _answer_after_calls(self, method: str, path: str, headers: dict[str, str], keep: bool) -> None:
+        calls = await asyncio.gather(*(call_upstream(c, headers) for c in self.app.calls))
+        self._answer(method, path, headers, keep, list(calls))
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def _answer(self, method: str, path: str, headers: dict[str, str], keep: bool, calls: list[dict[str, object]]) -> None:
         t = self.transport
         if t is None:
             return
         self.app.requests += 1
-        path = self.url.decode("latin-1")
         status = 200
         if path.startswith("/status/"):
             try:
                 status = int(path.split("/")[2])
             except ValueError:
                 status = 400
+        if any(c.get("status") != 200 for c in calls):
+            status = 502
+        xfcc = headers.get("x-forwarded-client-cert", "")
         doc = {
-            "service": self.app.name, "version": self.app.version, "method": self.parser.get_method().decode(),
+            "service": self.app.name, "version": self.app.version, "method": method,
             "path": path, "body_bytes": self.body,
-            "headers": {k: v for k, v in self.headers.items() if k.startswith("x-") or k in ("host", "end-user")},
+            "peer": next((f[4:] for f in xfcc.split(";") if f.startswith("URI=")), ""),
+            "headers": {k: v for k, v in headers.items() if k.startswith("x-") or k in ("host", "end-user")},
+            "calls": calls,
         }
         body = (json.dumps(doc) + "\n").encode()
-        keep = self.parser.should_keep_alive()
         t.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n" % (
             status, b"OK" if status == 200 else b"Status", len(body), b"" if keep else b"connection: close\r\n") + body)
         if not keep:
             t.close()
 
 
+# Headers an app must copy from its request to the requests it makes, so the mesh can
+# follow a call across services (Istio asks apps to do the same).
+PROPAGATE = ("end-user", "x-request-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid",
+             "x-b3-parentspanid", "x-b3-sampled", "b3")
+
+
+async def call_upstream(target: str, headers: dict[str, str], timeout: float = 5.0) -> dict[str, object]:
+    """GET ``target`` ("ADDR:PORT/HOST/PATH": through the sidecar at ADDR:PORT, for service HOST)."""
+    addr, _, rest = target.partition("/")
+    host, _, path = rest.partition("/")
+    ip, _, port = addr.rpartition(":")
+    lines = [f"GET /{path} HTTP/1.1", f"host: {host}", "connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers.items() if k in PROPAGATE]
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, int(port)), timeout)
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        raw = await asyncio.wait_for(reader.read(), timeout)
+        writer.close()
+    except (OSError, TimeoutError) as e:
+        return {"service": host, "status": 0, "error": str(e) or type(e).__name__}
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    status = int(status_line[1]) if len(status_line) > 1 else 0
+    flags = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"x-pillion-flags:")), "")
+    try:
+        doc = json.loads(body) if status == 200 else {"service": host}
+    except ValueError:
+        doc = {"service": host}
+    doc["status"] = status
+    if flags:
+        doc["flags"] = flags
+    return dict(doc)
+
+
 class DemoApp:
-    def __init__(self, name: str, version: str = "v1", host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, name: str, version: str = "v1", host: str = "127.0.0.1", port: int = 0,
+                 calls: tuple[str, ...] = ()) -> None:
+        self.calls = calls  # upstream targets, "ADDR:PORT/HOST/PATH" (see call_upstream)
         self.name = name
         self.version = version
         self.host = host
@@ -116,7 +174,7 @@ class DemoApp:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    app = DemoApp(args.name, args.version, args.host, args.port)
+    app = DemoApp(args.name, args.version, args.host, args.port, tuple(args.call))
     port = await app.start()
     print(f"READY {port}", flush=True)
     stop = asyncio.Event()
@@ -134,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", default="v1")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--call", action="append", default=[], metavar="ADDR:PORT/HOST/PATH",
+                    help="on each request, first GET this upstream (through the sidecar at ADDR:PORT)")
     args = ap.parse_args(argv)
     import uvloop
 
