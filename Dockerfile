@@ -1,7 +1,8 @@
 # Pillion: proxy, control server and CLI in one image.
 #
 #   docker build -t pillion .                                  (default base: a slim Python image)
-#   podman build --build-arg BASE_IMAGE=localhost/base:bookworm -t pillion .   (any base with python3 >= 3.11)
+#   podman build --format docker --build-arg BASE_IMAGE=localhost/base:bookworm -t pillion .
+#       (any base with python3 >= 3.11; --format docker keeps the HEALTHCHECK)
 #
 # The proxy runs as uid 1337 so the interception rules (`pillion init-iptables`) can exempt it.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -21,7 +22,10 @@ COPY pyproject.toml README.md /src/
 COPY proxy /src/proxy
 COPY control /src/control
 COPY certs /src/certs
-RUN pip install /src && rm -rf /src
+# PIP_CERT_FILE: a CA bundle for a network behind a TLS-inspecting proxy (mount it with `podman build -v`).
+ARG PIP_CERT_FILE=
+RUN if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
+    && pip install /src && rm -rf /src
 
 RUN (getent group 1337 || groupadd -g 1337 pillion) && (getent passwd 1337 || useradd -u 1337 -g 1337 -M -s /usr/sbin/nologin pillion)
 USER 1337
