@@ -69,10 +69,11 @@ class NodeIdentity:
     service_account: str = "default"
     workload_group: str = ""
     address: str = ""  # first INSTANCE_IPS entry, else the node id's IP, else the peer's
+    intercept: bool = False  # INTERCEPTION_MODE REDIRECT: iptables capture (virtual 15001/15006 listeners)
 
     def node_info(self) -> NodeInfo:
         """What translation depends on. The name is left out so that identical workloads share one translation."""
-        return NodeInfo(namespace=self.namespace, labels=self.labels)
+        return NodeInfo(namespace=self.namespace, labels=self.labels, intercept=self.intercept)
 
 
 def _string(fields: Mapping[str, struct_pb2.Value], key: str) -> str:
@@ -135,6 +136,7 @@ def node_identity(node: base_pb2.Node, peer_ip: str = "") -> NodeIdentity:
         labels=_labels(fields),
         service_account=_string(fields, "SERVICE_ACCOUNT") or "default",
         workload_group=_string(fields, "WORKLOAD_GROUP"),
+        intercept=_string(fields, "INTERCEPTION_MODE") == "REDIRECT",
         address=address or _ip(id_ip) or _ip(peer_ip),
     )
 

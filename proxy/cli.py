@@ -54,6 +54,9 @@ def proxy_parser(prog: str = "pillion proxy") -> argparse.ArgumentParser:
     ap.add_argument("--workload-group", default="", help="xDS: register as a member of this WorkloadGroup")
     ap.add_argument("--instance-ip", default="127.0.0.1", help="xDS: this workload's address")
     ap.add_argument("--no-watch", action="store_true", help="do not reload the config dir on change")
+    ap.add_argument("--intercept", action="store_true",
+                    help="transparent interception: serve the capture listeners (15001 outbound, 15006 inbound) "
+                         "that `pillion init-iptables` redirects this namespace's TCP to; run as uid 1337")
     return ap
 
 
@@ -67,7 +70,7 @@ def run_proxy(argv: list[str]) -> int:
         concurrency=max(1, args.concurrency), drain_seconds=args.drain_seconds, log_level=args.log_level,
         namespace=args.namespace, labels=args.labels, node_name=args.name,
         service_account=args.service_account, workload_group=args.workload_group,
-        instance_ip=args.instance_ip, watch=not args.no_watch,
+        instance_ip=args.instance_ip, watch=not args.no_watch, intercept=args.intercept,
     )
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,11 +84,12 @@ def run_proxy(argv: list[str]) -> int:
 USAGE = """usage: pillion <command> [options]
 
 commands:
-  proxy      run a sidecar proxy (standalone: --config-dir DIR; or --xds HOST:PORT)
-  control    run the control server (ADS on 15010); `pillion control status` lists proxies
-  certs      mesh CA and workload certificates: init, issue, inspect
-  validate   check a directory of Istio YAML
-  demo       run a local demo: an app behind a sidecar, with traffic
+  proxy          run a sidecar proxy (standalone: --config-dir DIR; or --xds HOST:PORT)
+  control        run the control server (ADS on 15010); `pillion control status` lists proxies
+  certs          mesh CA and workload certificates: init, issue, inspect
+  validate       check a directory of Istio YAML
+  init-iptables  install (or --clean) the interception rules of this network namespace
+  demo           run a local demo: an app behind a sidecar, with traffic
 """
 
 
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "proxy":
         return run_proxy(rest)
+    if cmd == "init-iptables":
+        from proxy.iptables import main as iptables_main
+
+        return iptables_main(rest)
     if cmd == "certs":
         from certs.cli import main as certs_main
 

@@ -17,9 +17,13 @@ from proxy.stats import ClusterStats, StatsStore
 from proxy.tls import TlsProvider
 from proxy.upstream import Pool
 
+# ORIGINAL_DST clusters make an endpoint (and a pool) per destination; past this many
+# they start over (Envoy instead sweeps unused hosts every cleanup_interval, 5 s).
+MAX_ORIGINAL_DST = 256
+
 
 class ClusterRuntime:
-    __slots__ = ("lb", "pools", "spec", "stats", "tls")
+    __slots__ = ("dst_endpoints", "lb", "pools", "spec", "stats", "tls")
 
     def __init__(self, spec: Cluster, stats: ClusterStats, pools: dict[Endpoint, Pool], tls: TlsProvider) -> None:
         self.spec = spec
@@ -27,6 +31,21 @@ class ClusterRuntime:
         self.tls = tls
         self.lb: LoadBalancer = make_lb(spec.lb_policy, spec.endpoints)
         self.pools = pools
+        self.dst_endpoints: dict[tuple[str, int], Endpoint] = {}
+
+    def pick_original(self, dst: tuple[str, int] | None) -> Endpoint | None:
+        """ORIGINAL_DST: the intercepted connection's original destination (None: there is none)."""
+        if dst is None:
+            return None
+        ep = self.dst_endpoints.get(dst)
+        if ep is None:
+            if len(self.dst_endpoints) >= MAX_ORIGINAL_DST:
+                self.dst_endpoints.clear()
+                for pool in self.pools.values():
+                    _retire(pool)
+                self.pools = {}
+            ep = self.dst_endpoints[dst] = Endpoint(dst[0], dst[1], tls=self.spec.original_dst_tls)
+        return ep
 
     def pool(self, ep: Endpoint, loop: asyncio.AbstractEventLoop) -> Pool:
         pool = self.pools.get(ep)

@@ -27,7 +27,6 @@ from envoy.config.core.v3 import address_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -38,6 +37,14 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from proxy import model
+from proxy.compile_capture import (
+    CAPTURE_MATCH_FIELDS,
+    capture_listener,
+    is_capture,
+    listener_filters,
+    served,
+)
+from proxy.compile_rbac import NETWORK_RBAC_TYPE, http_policy, network_rbac
 from proxy.compile_tls import (
     TLS_INSPECTOR,
     downstream_tls,
@@ -249,24 +256,58 @@ def _ads_source(ctx: _Ctx, cs: config_source_pb2.ConfigSource, path: str) -> Non
         raise ctx.fail(path, "only ads config sources are supported")
 
 
+class _ChainCtx(_Ctx):
+    """One filter chain of a capture listener, compiled as a listener of its own: ``name`` is
+    the chain's (so inline route tables get distinct names), errors name the real listener."""
+
+    __slots__ = ("resource",)
+
+    def __init__(self, resource: str, name: str) -> None:
+        super().__init__("Listener", name)
+        self.resource = resource
+
+    def fail(self, path: str, message: str) -> InvalidResource:
+        return InvalidResource(self.type_name, self.resource, path, message)
+
+
 def _listener(ln: listener_pb2.Listener, routes: dict[str, model.RouteTable]) -> model.Listener:
     ctx = _Ctx("Listener", ln.name)
-    _only(ctx, ln, {"name", "address", "filter_chains", "traffic_direction", "stat_prefix", "listener_filters"}, "")
+    _only(ctx, ln, {"name", "address", "filter_chains", "traffic_direction", "stat_prefix", "listener_filters",
+                    "use_original_dst", "bind_to_port"}, "")
     if not ln.name:
         raise ctx.fail("name", "required")
     address, port = _socket_address(ctx, ln.address, "address")
     direction = model.Direction.INBOUND if ln.traffic_direction == 1 else model.Direction.OUTBOUND
-    tls, plaintext = _chains(ctx, ln)
-    f = ln.filter_chains[0].filters[0]
-    fpath = "filter_chains[0].filters[0]"
+    bind = ln.bind_to_port.value if ln.HasField("bind_to_port") else True
+    if is_capture(ln):
+        def chain_listener(name: str, chain_port: int, chains: list[tuple[int, Any]], inspector: bool) -> model.Listener:
+            return _chain_listener(_ChainCtx(ln.name, name), address, chain_port, direction, chains, inspector,
+                                   routes, bind=False, match_fields=CAPTURE_MATCH_FIELDS)
+
+        return capture_listener(ctx, ln, address, port, direction, bind, chain_listener)
+    inspector = listener_filters(ctx, ln, (TLS_INSPECTOR,)) == {TLS_INSPECTOR}
+    return _chain_listener(ctx, address, port, direction, list(enumerate(ln.filter_chains)), inspector, routes,
+                           bind=bind, match_fields=("transport_protocol",))
+
+
+def _chain_listener(ctx: _Ctx, address: str, port: int, direction: model.Direction,
+                    chains: list[tuple[int, Any]], inspector: bool, routes: dict[str, model.RouteTable], *,
+                    bind: bool, match_fields: tuple[str, ...]) -> model.Listener:
+    """A listener from its filter chains (all of a listener's, or one destination port's of a capture one)."""
+    tls, plaintext = _chains(ctx, chains, inspector, match_fields)
+    first, fc = chains[0]
+    f = fc.filters[-1]  # [authz] the terminal filter; network RBAC filters may precede it (_chains)
+    fpath = f"filter_chains[{first}].filters[{len(fc.filters) - 1}]"
     _only(ctx, f, {"name", "typed_config"}, fpath)
     type_url = f.typed_config.type_url
+    if len(fc.filters) > 1 and type_url != TCP_PROXY_TYPE:
+        raise ctx.fail(f"filter_chains[{first}].filters", "network RBAC is supported before tcp_proxy only")
     if type_url == HCM_TYPE:
         hcm = hcm_pb2.HttpConnectionManager()
         f.typed_config.Unpack(hcm)
         http = _hcm(ctx, hcm, routes, f"{fpath}.typed_config")
-        return model.Listener(ln.name, address, port, direction, model.Protocol.HTTP, http=http,
-                              tls=tls, plaintext=plaintext)
+        return model.Listener(ctx.name, address, port, direction, model.Protocol.HTTP, http=http,
+                              tls=tls, plaintext=plaintext, bind_to_port=bind)
     if type_url == TCP_PROXY_TYPE:
         tp = tcp_proxy_pb2.TcpProxy()
         f.typed_config.Unpack(tp)
@@ -275,37 +316,33 @@ def _listener(ln: listener_pb2.Listener, routes: dict[str, model.RouteTable]) ->
         if not tp.cluster:
             raise ctx.fail(f"{p}.cluster", "required (weighted TCP routes are not supported yet)")
         idle = _seconds(tp.idle_timeout) if tp.HasField("idle_timeout") else ENVOY_DEFAULT_IDLE_TIMEOUT
-        return model.Listener(ln.name, address, port, direction, model.Protocol.TCP,
-                              tcp=model.TcpSettings(tp.stat_prefix, tp.cluster, idle), tls=tls, plaintext=plaintext)
+        rbac = network_rbac(ctx, fc.filters[:-1], f"filter_chains[{first}].filters")  # [authz]
+        return model.Listener(ctx.name, address, port, direction, model.Protocol.TCP,
+                              tcp=model.TcpSettings(tp.stat_prefix, tp.cluster, idle, rbac), tls=tls,
+                              plaintext=plaintext, bind_to_port=bind)
     raise ctx.fail(f"{fpath}.typed_config", f"unsupported network filter type {type_url!r}")
 
 
-def _chains(ctx: _Ctx, ln: listener_pb2.Listener) -> tuple[model.TlsServer | None, bool]:
+def _chains(ctx: _Ctx, chains: list[tuple[int, Any]], inspector: bool,
+            match_fields: tuple[str, ...]) -> tuple[model.TlsServer | None, bool]:
     """The filter chains Pillion understands: one plaintext chain; or a TLS chain (STRICT);
     or a TLS chain and a plaintext one told apart by the TLS inspector (PERMISSIVE).
-    Every chain must carry the same network filter."""
-    inspector = False
-    for i, lf in enumerate(ln.listener_filters):
-        _only(ctx, lf, {"name", "typed_config"}, f"listener_filters[{i}]")
-        if lf.typed_config.type_url != TLS_INSPECTOR:
-            raise ctx.fail(f"listener_filters[{i}]", f"only the TLS inspector is supported, got {lf.name!r}")
-        inspector = True
-    chains = ln.filter_chains
+    Every chain must carry the same network filter. ``chains``: (index in the listener, chain)."""
     if not 1 <= len(chains) <= 2:
         raise ctx.fail("filter_chains", "one filter chain, or a TLS and a plaintext one, are supported")
     tls: model.TlsServer | None = None
     plaintext = False
     matched = False
-    first = chains[0].filters[0].SerializeToString(deterministic=True) if chains[0].filters else b""
-    for i, fc in enumerate(chains):
+    first = [f.SerializeToString(deterministic=True) for f in chains[0][1].filters]
+    for i, fc in chains:
         p = f"filter_chains[{i}]"
         _only(ctx, fc, {"filters", "name", "filter_chain_match", "transport_socket"}, p)
-        _only(ctx, fc.filter_chain_match, {"transport_protocol"}, f"{p}.filter_chain_match")
+        _only(ctx, fc.filter_chain_match, match_fields, f"{p}.filter_chain_match")
         proto = fc.filter_chain_match.transport_protocol
         matched = matched or bool(proto)
-        if len(fc.filters) != 1:
-            raise ctx.fail(f"{p}.filters", "exactly one (terminal) network filter is supported")
-        if fc.filters[0].SerializeToString(deterministic=True) != first:
+        if not fc.filters or any(f.typed_config.type_url != NETWORK_RBAC_TYPE for f in fc.filters[:-1]):
+            raise ctx.fail(f"{p}.filters", "one terminal network filter, after network RBAC filters, is supported")
+        if [f.SerializeToString(deterministic=True) for f in fc.filters] != first:
             raise ctx.fail(f"{p}.filters", "every filter chain must carry the same network filter")
         if fc.HasField("transport_socket"):
             if proto not in ("tls", "") or tls is not None:
@@ -331,10 +368,9 @@ def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.
     for i, uc in enumerate(hcm.upgrade_configs):
         if uc.upgrade_type.lower() != "websocket":
             raise ctx.fail(f"{path}.upgrade_configs[{i}].upgrade_type", "only websocket upgrades are supported")
-    if len(hcm.http_filters) != 1 or hcm.http_filters[0].typed_config.type_url != ROUTER_TYPE:
-        names = [hf.name for hf in hcm.http_filters]
-        raise ctx.fail(f"{path}.http_filters", f"only the router filter is supported so far, got {names}")
-    router_pb2.Router()  # the router has no settings we honour; its presence is what matters
+    # [authz] jwt_authn and RBAC filters before the router (compile_rbac.py); the router has no
+    # settings we honour, its presence (last) is what matters.
+    policy = http_policy(ctx, hcm.http_filters, f"{path}.http_filters")
     which = hcm.WhichOneof("route_specifier")
     if which == "rds":
         _ads_source(ctx, hcm.rds.config_source, f"{path}.rds.config_source")
@@ -357,7 +393,7 @@ def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.
         if cho.HasField("max_headers_count"):
             max_count = cho.max_headers_count.value
     gen = hcm.generate_request_id.value if hcm.HasField("generate_request_id") else True
-    return model.HttpSettings(hcm.stat_prefix, rc_name, max_kb * 1024, max_count, idle, gen, True)
+    return model.HttpSettings(hcm.stat_prefix, rc_name, max_kb * 1024, max_count, idle, gen, True, policy=policy)
 
 
 # ---------------------------------------------------------------- clusters
@@ -417,7 +453,10 @@ def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.Cluster
             raise ctx.fail("lb_policy", "ORIGINAL_DST clusters need CLUSTER_PROVIDED")
         timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else ENVOY_DEFAULT_CONNECT_TIMEOUT
         service_name, direction = _service_of(c.name)
-        return model.Cluster(c.name, (), timeout, "CLUSTER_PROVIDED", service_name, direction, original_dst=True)
+        # The original destination has no endpoint metadata: a socket match list gives its catch-all entry.
+        dst_tls = pick_socket(tls, {}) if isinstance(tls, list) else tls
+        return model.Cluster(c.name, (), timeout, "CLUSTER_PROVIDED", service_name, direction, original_dst=True,
+                             original_dst_tls=dst_tls)
     if c.lb_policy != cluster_pb2.Cluster.ROUND_ROBIN:
         raise ctx.fail("lb_policy", f"{cluster_pb2.Cluster.LbPolicy.Name(c.lb_policy)} is not supported yet (ROUND_ROBIN only)")
     timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else ENVOY_DEFAULT_CONNECT_TIMEOUT
@@ -490,13 +529,14 @@ def compile_snapshot(res: XdsResources, version: str | None = None) -> model.Sna
         if c.name in clusters:
             raise InvalidResource("Cluster", c.name, "name", "duplicate resource name")
         clusters[c.name] = _cluster(c, cla_by_name)
-    for ls in listeners:
-        if ls.http is not None and ls.http.route_config_name not in routes:
-            raise InvalidResource("Listener", ls.name, "filter_chains[0].filters[0].typed_config.rds.route_config_name",
-                                  f"route configuration {ls.http.route_config_name!r} was not provided")
-        if ls.tcp is not None and ls.tcp.cluster not in clusters:
-            raise InvalidResource("Listener", ls.name, "filter_chains[0].filters[0].typed_config.cluster",
-                                  f"cluster {ls.tcp.cluster!r} was not provided")
+    for top in listeners:
+        for fpath, ls in served(top):  # a capture listener: each of its chains
+            if ls.http is not None and ls.http.route_config_name not in routes:
+                raise InvalidResource("Listener", top.name, f"{fpath}.typed_config.rds.route_config_name",
+                                      f"route configuration {ls.http.route_config_name!r} was not provided")
+            if ls.tcp is not None and ls.tcp.cluster not in clusters:
+                raise InvalidResource("Listener", top.name, f"{fpath}.typed_config.cluster",
+                                      f"cluster {ls.tcp.cluster!r} was not provided")
     secrets: dict[str, model.Secret] = {}
     for sec in res.secrets:
         if sec.name in secrets:

@@ -14,6 +14,7 @@ import random
 from typing import Protocol
 
 from proxy.cluster import ClusterManager
+from proxy.jwks_fetch import JwksFetcher
 from proxy.model import EMPTY, Snapshot
 from proxy.stats import StatsStore
 from proxy.tls import TlsProvider
@@ -31,6 +32,7 @@ class Context:
         self.stats = StatsStore()
         self.tls = TlsProvider()
         self.clusters = ClusterManager(loop, self.stats, self.tls)
+        self.jwks = JwksFetcher(loop)  # remote JWKS of RequestAuthentication jwksUri, kept fresh
         self.snapshot: Snapshot = EMPTY
         self.connections: set[Connection] = set()
         self.draining = False
@@ -52,4 +54,5 @@ class Context:
         """Install a new snapshot: secrets, then clusters, then the reference the hot path reads."""
         self.tls.update(snapshot.secrets)
         self.clusters.update(snapshot.clusters)
+        self.jwks.update(snapshot)
         self.snapshot = snapshot

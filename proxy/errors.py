@@ -140,3 +140,37 @@ class InvalidResource(Exception):
         self.name = name
         self.field = field
         self.message = message
+
+
+class PolicyDeniedError(ProxyError):
+    """An RBAC filter (AuthorizationPolicy) refused the request (Envoy's 403, flag RBAC).
+
+    ``policy``: the DENY policy that matched, or "" when no ALLOW policy did.
+    """
+
+    status = 403
+    flag = "RBAC"
+    grpc_status = 7  # PERMISSION_DENIED
+    body = b"RBAC: access denied"
+
+    def __init__(self, policy: str = "") -> None:
+        super().__init__(policy)
+        self.policy = policy
+
+
+class JwtAuthError(ProxyError):
+    """The request carried a JWT that the jwt_authn filter refused (RequestAuthentication), or
+    none where one is required: 401 (403 for a wrong audience) with Envoy's text for why (the
+    flag JWT is Pillion's own)."""
+
+    status = 401
+    flag = "JWT"
+    grpc_status = 16  # UNAUTHENTICATED
+    body = b"Jwt verification fails"
+
+    def __init__(self, reason: str = "Jwt verification fails", status: int = 401) -> None:
+        super().__init__(reason)
+        self.body = reason.encode()
+        if status == 403:  # Envoy answers an audience that is not allowed with 403
+            self.status = 403
+            self.grpc_status = 7  # PERMISSION_DENIED

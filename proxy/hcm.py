@@ -40,7 +40,7 @@ HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
 
 _REASONS = {
-    400: b"Bad Request", 404: b"Not Found", 413: b"Payload Too Large",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 413: b"Payload Too Large",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 501: b"Not Implemented",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }

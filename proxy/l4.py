@@ -20,11 +20,15 @@ import contextlib
 import logging
 import socket
 import ssl
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from proxy.cluster import ClusterRuntime
 from proxy.context import Context
 from proxy.model import Endpoint, Listener
+from proxy.policy import authorize_connection
+
+if TYPE_CHECKING:
+    from proxy.authz import RbacFilter
 from proxy.stats import ClusterStats, ListenerStats
 from proxy.tls import MissingSecret, failure_reason, peer_of, sans_allowed
 from proxy.upstream import tls_client_args
@@ -45,13 +49,16 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
 class TcpDownstream(asyncio.Protocol):
     __slots__ = (
         "_closed", "_connect", "_down_eof", "_flushed_rx", "_flushed_tx", "_idle_start", "_pending", "_seen",
-        "_up_eof", "ctx", "listener", "lstats", "rx", "stats", "transport", "tx", "up_t", "upstream",
+        "_up_eof", "ctx", "listener", "lstats", "original_dst", "rx", "stats", "transport", "tx", "up_t", "upstream",
     )
 
     def __init__(self, ctx: Context, listener: Listener, lstats: ListenerStats) -> None:
         self.ctx = ctx
         self.listener = listener
         self.lstats = lstats
+        # Where the client was going before iptables redirected it (set by the capture
+        # listener before connection_made; None on an explicit listener): ORIGINAL_DST clusters dial it.
+        self.original_dst: tuple[str, int] | None = None
         self.transport: asyncio.Transport | None = None
         self.upstream: TcpUpstream | None = None
         self.up_t: asyncio.Transport | None = None  # the upstream's transport, for the data path
@@ -87,8 +94,16 @@ class TcpDownstream(asyncio.Protocol):
             return
         tcp = self.listener.tcp
         assert tcp is not None
+        # [authz] network RBAC (AuthorizationPolicy on a TCP port): refused connections are closed at once.
+        if tcp.rbac and not self._authorized(tcp.rbac, transport):
+            ctx.stats.count_local_reply("RBAC")
+            transport.abort()
+            return
         rt = ctx.clusters.get(tcp.cluster)
-        ep = rt.lb.pick() if rt is not None else None
+        if rt is None:
+            ep = None
+        else:
+            ep = rt.pick_original(self.original_dst) if rt.spec.original_dst else rt.lb.pick()
         if rt is None or ep is None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("tcp %s: no cluster or endpoint for %s", self.listener.name, tcp.cluster)
@@ -99,6 +114,13 @@ class TcpDownstream(asyncio.Protocol):
         rt.stats.tcp_opened += 1
         transport.pause_reading()  # until the upstream is there
         self._connect = ctx.loop.create_task(self._open(rt, ep))
+
+    def _authorized(self, rbac: tuple[RbacFilter, ...], transport: asyncio.Transport) -> bool:
+        try:
+            return authorize_connection(self.ctx, rbac, transport, self.listener.port, self)
+        except Exception:  # a bug in a policy must not let the connection through
+            log.exception("tcp %s: network RBAC failed; closing the connection", self.listener.name)
+            return False
 
     async def _open(self, rt: ClusterRuntime, ep: Endpoint) -> None:
         stats = rt.stats

@@ -6,6 +6,13 @@ socket and only its settings are replaced (new connections see them), a new
 one is bound, a removed or re-typed one stops accepting and its connections
 are drained. With several workers each binds with SO_REUSEPORT and the kernel
 spreads connections; a connection stays on the worker that accepted it.
+
+Interception: a listener with ``capture`` (15001/15006) is accepted in Python
+(``CaptureServerSocket``) so each connection's original destination can be
+read from its socket; ``capture.route`` picks the listener that serves it (a
+never-bound ``bind_to_port: false`` one, or one of the capture listener's
+chains), and from there the connection goes the same way as on that
+listener: TLS sniffing and termination if it has TLS, then HTTP or TCP.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from proxy.capture import Address, capture_ports, handoff_index, original_dst, route
 from proxy.context import Context
 from proxy.hcm import HttpConnection
 from proxy.l4 import TcpDownstream
@@ -23,7 +31,28 @@ from proxy.model import Listener, Protocol
 from proxy.stats import ListenerStats
 from proxy.tls import MissingSecret, close_quietly, failure_reason
 
+Factory = Callable[[], asyncio.BaseProtocol]
+
 log = logging.getLogger("pillion.listener")
+
+
+class InterceptedHttpConnection(HttpConnection):
+    """An HTTP connection that came through a capture listener: it knows its original destination."""
+
+    __slots__ = ("original_dst",)
+
+    def __init__(self, ctx: Context, listener: Listener, lstats: ListenerStats, dst: Address) -> None:
+        super().__init__(ctx, listener, lstats)
+        self.original_dst = dst
+
+
+def make_protocol(ctx: Context, spec: Listener, stats: ListenerStats, dst: Address | None = None) -> asyncio.BaseProtocol:
+    """The protocol serving one connection of ``spec`` (``dst``: its original destination, if captured)."""
+    if spec.protocol is Protocol.HTTP:
+        return HttpConnection(ctx, spec, stats) if dst is None else InterceptedHttpConnection(ctx, spec, stats, dst)
+    conn = TcpDownstream(ctx, spec, stats)
+    conn.original_dst = dst
+    return conn
 
 
 class BoundListener:
@@ -54,49 +83,50 @@ class TlsServerSocket:
 
     sniff_timeout = 1.0
 
-    def __init__(self, ctx: Context, bl: BoundListener, factory: Callable[[], asyncio.BaseProtocol],
-                 family: int, reuse_port: bool, backlog: int) -> None:
+    def __init__(self, ctx: Context, bl: BoundListener, factory: Factory | None,
+                 family: int, reuse_port: bool, backlog: int, *, also_ipv6: bool = False) -> None:
         self.ctx = ctx
         self.bl = bl
         self.factory = factory
         spec = bl.spec
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((spec.address, spec.port))
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-        self.sockets = [sock]
+        self.sockets = [_listen(family, spec.address, spec.port, reuse_port, backlog)]
+        if also_ipv6:  # a second, IPv6-only socket on "::" (IPv4 clients keep plain IPv4 addresses)
+            try:
+                self.sockets.append(_listen(socket.AF_INET6, "::", spec.port, reuse_port, backlog, v6only=True))
+            except OSError as e:
+                log.debug("listener %s: no IPv6 here (%s); IPv4 only", spec.name, e)
         self.closed = False
-        ctx.loop.add_reader(sock.fileno(), self._on_accept)
+        for sock in self.sockets:
+            ctx.loop.add_reader(sock.fileno(), self._on_accept, sock)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.ctx.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+            for sock in self.sockets:
+                self.ctx.loop.remove_reader(sock.fileno())
+                sock.close()
 
-    def _on_accept(self) -> None:
-        loop = self.ctx.loop
+    def _on_accept(self, sock: socket.socket) -> None:
         for _ in range(64):
             try:
-                conn, _addr = self.sock.accept()
+                conn, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 log.warning("listener %s: accept failed: %s", self.bl.spec.name, e)
                 return
             conn.setblocking(False)
-            timer = loop.call_later(self.sniff_timeout, self._sniffed, conn, None)
-            loop.add_reader(conn.fileno(), self._readable, conn, timer)
+            self._accepted(conn)
 
-    def _readable(self, conn: socket.socket, timer: asyncio.TimerHandle) -> None:
+    def _accepted(self, conn: socket.socket) -> None:
+        assert self.factory is not None
+        self._sniff(conn, self.bl.spec, self.factory)
+
+    def _sniff(self, conn: socket.socket, spec: Listener, factory: Factory) -> None:
+        timer = self.ctx.loop.call_later(self.sniff_timeout, self._sniffed, conn, None, spec, factory)
+        self.ctx.loop.add_reader(conn.fileno(), self._readable, conn, timer, spec, factory)
+
+    def _readable(self, conn: socket.socket, timer: asyncio.TimerHandle, spec: Listener, factory: Factory) -> None:
         try:
             first = conn.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -104,9 +134,9 @@ class TlsServerSocket:
         except OSError:
             first = b""
         timer.cancel()
-        self._sniffed(conn, first)
+        self._sniffed(conn, first, spec, factory)
 
-    def _sniffed(self, conn: socket.socket, first: bytes | None) -> None:
+    def _sniffed(self, conn: socket.socket, first: bytes | None, spec: Listener, factory: Factory) -> None:
         loop = self.ctx.loop
         try:
             loop.remove_reader(conn.fileno())
@@ -115,7 +145,6 @@ class TlsServerSocket:
         if first == b"":
             close_quietly(conn)  # closed before saying anything
             return
-        spec = self.bl.spec
         tls_spec = spec.tls
         provider = self.ctx.tls
         if first == b"\x16" and tls_spec is not None:
@@ -126,24 +155,75 @@ class TlsServerSocket:
                 log.warning("listener %s: no usable certificate (%s) to terminate TLS with", spec.name, e)
                 close_quietly(conn)
                 return
-            loop.create_task(self._serve(conn, sslctx))
+            loop.create_task(self._serve(conn, sslctx, factory, spec))
         elif spec.plaintext:
-            loop.create_task(self._serve(conn, None))
+            loop.create_task(self._serve(conn, None, factory, spec))
         else:
             provider.count_failure("plaintext_rejected")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("listener %s: plaintext connection refused (STRICT mTLS)", spec.name)
             close_quietly(conn)
 
-    async def _serve(self, conn: socket.socket, sslctx: ssl.SSLContext | None) -> None:
+    async def _serve(self, conn: socket.socket, sslctx: ssl.SSLContext | None, factory: Factory,
+                     spec: Listener) -> None:
         try:
-            await self.ctx.loop.connect_accepted_socket(self.factory, conn, ssl=sslctx,
+            await self.ctx.loop.connect_accepted_socket(factory, conn, ssl=sslctx,
                                                         ssl_handshake_timeout=10.0 if sslctx else None)
         except (ssl.SSLError, OSError, TimeoutError) as e:
             reason = failure_reason(e)
             self.ctx.tls.count_failure(reason)
-            log.info("listener %s: TLS handshake failed (%s): %s", self.bl.spec.name, reason, e)
+            log.info("listener %s: TLS handshake failed (%s): %s", spec.name, reason, e)
             close_quietly(conn)
+
+
+class CaptureServerSocket(TlsServerSocket):
+    """A capture listener (15001/15006): each connection goes to the listener for its original destination.
+
+    The original destination is read right after accept (SO_ORIGINAL_DST);
+    ``capture.route`` picks the listener that serves it, or refuses it (no
+    destination, one of the proxy's own capture ports, no chain): the connection
+    is closed and counted as a local reply with flag NR (Envoy's flag for "no
+    matching filter chain"). Otherwise the connection continues exactly as on
+    that listener: sniffed first if it has TLS, then HTTP or TCP.
+    """
+
+    def __init__(self, ctx: Context, bl: BoundListener, manager: ListenerManager, family: int,
+                 reuse_port: bool, backlog: int) -> None:
+        # A capture listener on 0.0.0.0 takes IPv6 too, where the host has it (ip6tables redirects there).
+        also_ipv6 = bl.spec.address == "0.0.0.0" and socket.has_ipv6
+        super().__init__(ctx, bl, None, family, reuse_port, backlog, also_ipv6=also_ipv6)
+        self.manager = manager
+
+    def _accepted(self, conn: socket.socket) -> None:
+        ctx = self.ctx
+        spec = self.bl.spec
+        try:
+            dst = original_dst(conn)
+        except (OSError, ValueError) as e:
+            self._refuse(conn, "its original destination is unknown (%s)", e)
+            return
+        manager = self.manager
+        target = route(spec, dst, manager.handoff, manager.capture_ports)
+        if target is None:
+            self._refuse(conn, "nothing serves its original destination %s:%d (or it is the proxy's own port)", *dst)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("listener %s: original destination %s:%d -> %s", spec.name, dst[0], dst[1], target.name)
+        stats = ctx.stats.listener(target.name)
+
+        def factory() -> asyncio.BaseProtocol:
+            return make_protocol(ctx, target, stats, dst)
+
+        if target.tls is None:
+            ctx.loop.create_task(self._serve(conn, None, factory, target))
+        else:
+            self._sniff(conn, target, factory)
+
+    def _refuse(self, conn: socket.socket, why: str, *args: object) -> None:
+        self.ctx.stats.count_local_reply("NR")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("listener %s: connection closed: " + why, self.bl.spec.name, *args)
+        close_quietly(conn)
 
 
 class ListenerManager:
@@ -152,6 +232,10 @@ class ListenerManager:
         self.reuse_port = reuse_port
         self.backlog = backlog
         self.bound: dict[str, BoundListener] = {}
+        # Interception, derived from the applied listeners once per apply.
+        self.handoff: dict[Address, Listener] = {}  # hand-off targets by (address, port)
+        self.capture_ports: frozenset[int] = frozenset()
+        self._served: set[str] = set()  # names of listeners and capture chains that get connections
 
     def _factory(self, bl: BoundListener) -> Callable[[], asyncio.BaseProtocol]:
         ctx = self.ctx
@@ -165,13 +249,24 @@ class ListenerManager:
         return make
 
     async def apply(self, listeners: tuple[Listener, ...]) -> list[str]:
-        """Bind/unbind to match ``listeners``; returns one message per listener that failed to bind."""
+        """Bind/unbind to match ``listeners``; returns one message per listener that failed to bind.
+
+        Listeners with ``bind_to_port`` false are not bound: capture listeners hand them connections.
+        """
         errors: list[str] = []
-        wanted = {ls.name: ls for ls in listeners}
+        self.handoff = handoff_index(listeners)
+        self.capture_ports = capture_ports(listeners)
+        served = _served_names(listeners)
+        for name in self._served - served:  # a removed chain or never-bound listener: drain its connections
+            if name not in self.bound:
+                self._drain(name)
+        self._served = served
+        wanted = {ls.name: ls for ls in listeners if ls.bind_to_port}
         for name, bl in list(self.bound.items()):
             new = wanted.get(name)
             if (new is None or new.bind_key != bl.spec.bind_key or new.protocol is not bl.spec.protocol
-                    or (new.tls is None) != (bl.spec.tls is None)):
+                    or (new.tls is None) != (bl.spec.tls is None)
+                    or (new.capture is None) != (bl.spec.capture is None)):
                 self._unbind(name)
         for name, spec in wanted.items():
             existing = self.bound.get(name)
@@ -183,7 +278,9 @@ class ListenerManager:
             family = socket.AF_INET6 if ":" in spec.address else socket.AF_INET
             try:
                 server: asyncio.AbstractServer | TlsServerSocket
-                if spec.tls is None:
+                if spec.capture is not None:
+                    server = CaptureServerSocket(self.ctx, holder, self, family, self.reuse_port, self.backlog)
+                elif spec.tls is None:
                     server = await self.ctx.loop.create_server(
                         self._factory(holder), spec.address, spec.port,
                         reuse_port=self.reuse_port or None, backlog=self.backlog, family=family,
@@ -196,16 +293,20 @@ class ListenerManager:
                 continue
             holder.server = server
             self.bound[name] = holder
-            log.info("listener %s bound on %s:%d (%s)", name, spec.address, holder.port, spec.protocol.value)
+            log.info("listener %s bound on %s:%d (%s)", name, spec.address, holder.port,
+                     "capture" if spec.capture is not None else spec.protocol.value)
         return errors
 
     def _unbind(self, name: str) -> None:
         bl = self.bound.pop(name)
         bl.server.close()
+        self._drain(name)
+        log.info("listener %s removed; draining its connections", name)
+
+    def _drain(self, name: str) -> None:
         for conn in list(self.ctx.connections):
             if getattr(conn, "listener", None) is not None and conn.listener.name == name:  # type: ignore[attr-defined]
                 conn.drain()
-        log.info("listener %s removed; draining its connections", name)
 
     def stop_accepting(self) -> None:
         for bl in self.bound.values():
@@ -213,3 +314,33 @@ class ListenerManager:
 
     def ports(self) -> dict[str, int]:
         return {name: bl.port for name, bl in self.bound.items()}
+
+
+def _listen(family: int, address: str, port: int, reuse_port: bool, backlog: int, *,
+            v6only: bool = False) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6only:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _served_names(listeners: tuple[Listener, ...]) -> set[str]:
+    names = set()
+    for ls in listeners:
+        names.add(ls.name)
+        cap = ls.capture
+        if cap is not None:
+            names.update(chain.name for chain in cap.by_port.values())
+            if cap.default is not None:
+                names.add(cap.default.name)
+    return names

@@ -13,6 +13,10 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # compiled policies live with their evaluator (tier 1); no runtime import
+    from proxy.authz import HttpPolicy, RbacFilter
 
 
 class Protocol(enum.Enum):
@@ -189,9 +193,11 @@ class Cluster:
     # Istio-style identity of the destination, for metrics labels.
     service: str = ""
     direction: Direction = Direction.OUTBOUND
-    # ORIGINAL_DST: no endpoints of its own; traffic goes where the app sent it
-    # (needs interception to know that; explicit listeners get 503 UH).
+    # ORIGINAL_DST: no endpoints of its own; traffic goes where the app sent it, the
+    # original destination of the intercepted connection (an explicit listener has
+    # none: 503 UH / connection closed). ``original_dst_tls``: how to dial it.
     original_dst: bool = False
+    original_dst_tls: TlsClient | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +211,9 @@ class HttpSettings:
     idle_timeout: float = 3600.0  # downstream keep-alive idle timeout; 0 disables
     generate_request_id: bool = True
     forward_client_address: bool = True
+    # jwt_authn and RBAC filters before the router (AuthorizationPolicy, RequestAuthentication);
+    # None when the HCM has no filter besides the router: requests then pay nothing for it.
+    policy: HttpPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +221,8 @@ class TcpSettings:
     stat_prefix: str
     cluster: str
     idle_timeout: float = 3600.0  # Envoy's tcp_proxy default: 1h; 0 disables
+    # Network RBAC filters before tcp_proxy, evaluated once when a connection is accepted.
+    rbac: tuple[RbacFilter, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,10 +238,33 @@ class Listener:
     # sniffs each connection's first bytes and accepts both (Istio's PERMISSIVE).
     tls: TlsServer | None = None
     plaintext: bool = True
+    # Interception. ``bind_to_port`` false: never bound; a capture listener hands it the
+    # connections whose original destination is its address (Envoy's bind_to_port).
+    # ``capture``: this listener receives redirected connections (15001/15006) and
+    # routes each by its original destination.
+    bind_to_port: bool = True
+    capture: Capture | None = None
 
     @property
     def bind_key(self) -> tuple[str, int]:
         return (self.address, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """How a capture listener routes a redirected connection by its original destination.
+
+    In order: with ``use_original_dst``, the listener whose address is the original
+    destination (exact ip:port, then the wildcard address with that port); then the
+    chain for the destination port (``by_port``, filter_chain_match.destination_port);
+    then ``default`` (a chain without destination_port: passthrough or blackhole).
+    Each chain is compiled as a listener of its own (never bound), so the rest of the
+    path (TLS sniffing, HTTP or TCP) is the same as for any listener.
+    """
+
+    use_original_dst: bool = False
+    by_port: dict[int, Listener] = field(default_factory=dict)
+    default: Listener | None = None
 
 
 @dataclass(frozen=True, slots=True)

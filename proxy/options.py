@@ -28,6 +28,7 @@ class ProxyOptions:
     trust_domain: str = "cluster.local"
     cert_validity_hours: float = 24.0
     watch: bool = True  # reload the config dir on change
+    intercept: bool = False  # transparent interception (iptables): capture listeners instead of explicit ones
     tick_seconds: float = 1.0  # idle-timeout sweep period
 
     @property

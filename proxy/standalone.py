@@ -32,10 +32,10 @@ class ConfigLoadError(Exception):
 
 class StandaloneSource:
     def __init__(self, config_dir: str, *, namespace: str, labels: Mapping[str, str], name: str = "",
-                 cert_dir: str | None = None) -> None:
+                 cert_dir: str | None = None, intercept: bool = False) -> None:
         self.config_dir = config_dir
         self.cert_dir = cert_dir
-        self.node = NodeInfo(namespace=namespace, labels=dict(labels), name=name)
+        self.node = NodeInfo(namespace=namespace, labels=dict(labels), name=name, intercept=intercept)
 
     def load(self) -> tuple[XdsResources, Snapshot]:
         """Read, translate and compile the directory. Raises ConfigLoadError."""

@@ -126,6 +126,7 @@ class StatsStore:
         self.clusters: dict[str, ClusterStats] = {}
         self.listeners: dict[str, ListenerStats] = {}
         self.local_replies: dict[str, int] = {}
+        self.rbac: dict[str, int] = {}  # "allowed|policy", "denied|policy", "logged|policy" -> count
 
     def cluster(self, name: str, service: str = "", direction: str = "outbound") -> ClusterStats:
         cs = self.clusters.get(name)
@@ -142,11 +143,17 @@ class StatsStore:
     def count_local_reply(self, flag: str) -> None:
         self.local_replies[flag] = self.local_replies.get(flag, 0) + 1
 
+    def count_rbac(self, outcome: str, policy: str) -> None:
+        """An RBAC decision: outcome "allowed", "denied" or "logged"; policy "" when none matched."""
+        key = f"{outcome}|{policy}"
+        self.rbac[key] = self.rbac.get(key, 0) + 1
+
     def export(self) -> dict[str, Any]:
         return {
             "clusters": {n: c.export() for n, c in self.clusters.items()},
             "listeners": {n: ls.export() for n, ls in self.listeners.items()},
             "local_replies": dict(self.local_replies),
+            "rbac": dict(self.rbac),
         }
 
 
@@ -294,6 +301,16 @@ def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra:
     family("pillion_local_replies_total", "counter", "Local replies sent, by response flag.")
     for flag, n in sorted(merged.get("local_replies", {}).items()):
         lines.append(f"pillion_local_replies_total{_labels([('response_flags', flag or '-')])} {n}")
+    rbac: Mapping[str, int] = merged.get("rbac", {})
+    for outcome, help_ in (("allowed", "Requests and connections an ALLOW policy matched"),
+                           ("denied", "Requests and connections refused by RBAC, by the DENY policy that "
+                                      "matched (policy=\"none\": no ALLOW policy matched)"),
+                           ("logged", "Requests and connections an AUDIT policy matched")):
+        family(f"pillion_rbac_{outcome}_total", "counter", help_ + ".")
+        for key, n in sorted(rbac.items()):
+            kind, _, policy = key.partition("|")
+            if kind == outcome:
+                lines.append(f"pillion_rbac_{outcome}_total{_labels([('policy', policy or 'none')])} {n}")
     family("pillion_tls_handshake_failures_total", "counter", "TLS connections refused or failed, by reason.")
     for reason, n in sorted(merged.get("tls_failures", {}).items()):
         lines.append(f"pillion_tls_handshake_failures_total{_labels([('reason', reason)])} {n}")

@@ -31,6 +31,7 @@ from proxy.errors import (
     RequestTimeoutError,
     UpstreamResetError,
 )
+from proxy.policy import authorize_request
 from proxy.router import find_virtual_host, match_route, pick_cluster
 from proxy.tls import Peer
 from proxy.upstream import UpstreamConnection
@@ -231,7 +232,14 @@ class Stream:
         stats = rt.stats
         stats.rq_total += 1
         stats.rq_active += 1
-        ep = rt.lb.pick()
+        # ---- [authz] RequestAuthentication + AuthorizationPolicy: jwt_authn, then RBAC (issue 7).
+        # Compiled per listener; None when no policy applies. Raises JwtAuthError / PolicyDeniedError.
+        if http.policy is not None:
+            authorize_request(self, http.policy, ctx)
+        # ---- [authz] end
+        # [interception] ORIGINAL_DST clusters dial the connection's original destination
+        # (set by listener.CaptureServerSocket; absent on explicit listeners: 503 UH).
+        ep = rt.pick_original(getattr(self.conn, "original_dst", None)) if rt.spec.original_dst else rt.lb.pick()
         if ep is None:
             raise NoHealthyUpstreamError()
         self.timeout = route.timeout

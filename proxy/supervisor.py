@@ -116,12 +116,13 @@ class Supervisor:
         self.opts = opts
         self.install_signals = install_signals
         self.source = StandaloneSource(opts.config_dir or ".", namespace=opts.namespace,
-                                       labels=opts.labels, name=opts.workload, cert_dir=opts.cert_dir)
+                                       labels=opts.labels, name=opts.workload, cert_dir=opts.cert_dir,
+                                       intercept=opts.intercept)
         self.xds: XdsClient | None = None
         if opts.xds:
             identity = NodeIdentity(namespace=opts.namespace, name=opts.workload, labels=dict(opts.labels),
                                     service_account=opts.service_account, workload_group=opts.workload_group,
-                                    ip=opts.instance_ip)
+                                    ip=opts.instance_ip, intercept=opts.intercept)
             self.xds = XdsClient(opts.xds, identity, self._apply_xds)
         self.certs: CertManager | None = None
         if opts.ca_address:

@@ -83,6 +83,7 @@ class Worker:
         for conn in list(ctx.connections):
             conn.abort()
         ctx.clusters.close()
+        ctx.jwks.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

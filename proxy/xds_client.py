@@ -69,11 +69,12 @@ class NodeIdentity:
     service_account: str = "default"
     workload_group: str = ""
     ip: str = "127.0.0.1"
+    intercept: bool = False  # sent as Istio's INTERCEPTION_MODE: REDIRECT (iptables) or NONE
 
     def node(self) -> base_pb2.Node:
         md = struct_pb2.Struct()
         md.update({"NAMESPACE": self.namespace, "NAME": self.name, "SERVICE_ACCOUNT": self.service_account,
-                   "INSTANCE_IPS": self.ip})
+                   "INSTANCE_IPS": self.ip, "INTERCEPTION_MODE": "REDIRECT" if self.intercept else "NONE"})
         md.get_or_create_struct("LABELS").update(self.labels)
         if self.workload_group:
             md.update({"WORKLOAD_GROUP": self.workload_group})

@@ -89,7 +89,7 @@ def build_clusters(
             name = cluster_name("outbound", number, subset, host)
             rows = _rows(scope, se, port, labels) if se.resolution is Resolution.STATIC else []
             cluster = (
-                _original_dst_cluster(name)
+                original_dst_cluster(name)
                 if se.resolution is Resolution.NONE
                 else _eds_cluster(name)
             )
@@ -99,23 +99,24 @@ def build_clusters(
                 assignments.append(load_assignment(name, [_lb_endpoint(row) for row in rows]))
     if scope.sidecar is not None:
         for ingress in scope.sidecar.ingress:
-            name = cluster_name("inbound", ingress.port.number, "", "")
-            endpoint = ec.LbEndpoint(
-                endpoint=ec.Endpoint(address=socket_address("127.0.0.1", ingress.endpoint_port))
-            )
-            clusters.append(
-                cluster_pb2.Cluster(
-                    name=name,
-                    type=cluster_pb2.Cluster.STATIC,
-                    connect_timeout=duration(CONNECT_TIMEOUT_SECONDS),
-                    lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
-                    load_assignment=endpoint_pb2.ClusterLoadAssignment(
-                        cluster_name=name,
-                        endpoints=[ec.LocalityLbEndpoints(lb_endpoints=[endpoint])],
-                    ),
-                )
-            )
+            clusters.append(inbound_cluster(ingress.port.number, ingress.endpoint_port))
     return clusters, assignments
+
+
+def inbound_cluster(port: int, app_port: int) -> cluster_pb2.Cluster:
+    """"inbound|port||": STATIC, the app on 127.0.0.1:app_port."""
+    name = cluster_name("inbound", port, "", "")
+    endpoint = ec.LbEndpoint(endpoint=ec.Endpoint(address=socket_address("127.0.0.1", app_port)))
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration(CONNECT_TIMEOUT_SECONDS),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[ec.LocalityLbEndpoints(lb_endpoints=[endpoint])],
+        ),
+    )
 
 
 def _eds_cluster(name: str) -> cluster_pb2.Cluster:
@@ -130,7 +131,7 @@ def _eds_cluster(name: str) -> cluster_pb2.Cluster:
     )
 
 
-def _original_dst_cluster(name: str) -> cluster_pb2.Cluster:
+def original_dst_cluster(name: str) -> cluster_pb2.Cluster:
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.ORIGINAL_DST,

@@ -48,11 +48,11 @@ _TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec")
 def load_dir(path: str | Path, allow_unenforced_security: bool = False) -> ConfigSet:
     """Load every *.yaml / *.yml file directly in `path` (sorted by name).
 
-    Raises ConfigError listing every problem found. The security and
-    telemetry kinds that are not enforced yet (AuthorizationPolicy,
-    RequestAuthentication, Telemetry; PeerAuthentication is enforced) are
-    refused unless `allow_unenforced_security` is true, because loading a
-    policy that is not enforced would silently weaken the mesh.
+    Raises ConfigError listing every problem found. The kinds that are not
+    enforced yet (Telemetry; PeerAuthentication, AuthorizationPolicy and
+    RequestAuthentication are enforced) are refused unless
+    `allow_unenforced_security` is true, because loading a policy that is
+    not enforced would silently change what the mesh does.
     """
     sources, problems = read_dir(path)
     return Session(allow_unenforced_security, problems).load(sources)
@@ -152,6 +152,8 @@ class Session:
             destination_rules=_sorted(built.destination_rules),
             peer_authentications=_sorted(built.peer_authentications),
             unenforced=_sorted(built.unenforced),
+            authorization_policies=_sorted(built.authorization_policies),
+            request_authentications=_sorted(built.request_authentications),
             files=tuple(file for file, _ in sources),
         )
 

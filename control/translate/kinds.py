@@ -6,7 +6,8 @@ ServiceEntry, WorkloadEntry and WorkloadGroup fields beyond their shape:
 host uniqueness, port uniqueness, resolution rules, endpoint ports. The
 traffic kinds are in `traffic.py`, shared field rules in `fields.py`.
 PeerAuthentication is built here too (what it means for a node is in
-`security.py`). It must not read files or produce xDS; `istio.py` drives it
+`security.py`); AuthorizationPolicy and RequestAuthentication in
+`authz_kinds.py`. It must not read files or produce xDS; `istio.py` drives it
 and owns the registry (`Session.services`, `.rules`, `.routed`) the
 builders fill.
 
@@ -21,13 +22,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from certs.spiffe import validate_trust_domain
-from control.translate import traffic
+from control.translate import authz_kinds, traffic
 from control.translate.fields import keep, protocol, workload
 from control.translate.model import (
+    AuthorizationPolicy,
     DestinationRule,
     MeshConfig,
     MtlsMode,
     PeerAuthentication,
+    RequestAuthentication,
     Resolution,
     ServiceEntry,
     ServicePort,
@@ -54,6 +57,8 @@ _BUILD_ORDER = (
     "DestinationRule",
     "Sidecar",
     "VirtualService",
+    "AuthorizationPolicy",
+    "RequestAuthentication",
 )
 
 
@@ -70,6 +75,8 @@ class Built:
     destination_rules: list[DestinationRule] = field(default_factory=list)
     peer_authentications: list[PeerAuthentication] = field(default_factory=list)
     unenforced: list[UnenforcedPolicy] = field(default_factory=list)
+    authorization_policies: list[AuthorizationPolicy] = field(default_factory=list)
+    request_authentications: list[RequestAuthentication] = field(default_factory=list)
 
 
 def build_all(session: Session, entries: list[Entry]) -> Built:
@@ -102,8 +109,12 @@ def build_all(session: Session, entries: list[Entry]) -> Built:
                 keep(built.destination_rules, traffic.destination_rule(session, entry, b))
             elif kind == "Sidecar":
                 keep(built.sidecars, traffic.sidecar(session, entry, b))
-            else:
+            elif kind == "VirtualService":
                 keep(built.virtual_services, traffic.virtual_service(session, entry, b))
+            elif kind == "AuthorizationPolicy":
+                keep(built.authorization_policies, authz_kinds.authorization_policy(entry, b))
+            else:
+                keep(built.request_authentications, authz_kinds.request_authentication(entry, b))
     for entry in (e for e in valid if e.kind in UNENFORCED_KINDS):
         if session.allow_unenforced:
             built.unenforced.append(UnenforcedPolicy(entry.meta(), entry.spec))

@@ -13,7 +13,9 @@ Rules:
   one visible ServiceEntry host with that port. None or several is a
   problem on the Sidecar's egress entry.
 - Ingress "bind_port" (bind default 0.0.0.0), INBOUND, to inbound|port||.
-  HTTP ports carry their (one-route) table inline. The filter chains follow
+  HTTP ports carry their (one-route) table inline and the node's
+  jwt_authn/RBAC filters before the router; TCP ports a network RBAC filter
+  before tcp_proxy (`authz.py`, when policies apply). The filter chains follow
   the node's PeerAuthentication mode for the port (`security.py`): one
   plaintext chain (DISABLE), a "tls" chain (STRICT), or both (PERMISSIVE).
 - An egress entry without a port makes no listener; it only scopes which
@@ -21,6 +23,8 @@ Rules:
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -32,6 +36,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
 
+from control.translate.authz import NodeAuthz
 from control.translate.errors import Problem
 from control.translate.model import (
     EgressListener,
@@ -52,16 +57,19 @@ ROUTER_FILTER = "envoy.filters.http.router"
 
 
 def build_listeners(
-    scope: Scope, problems: list[Problem]
+    scope: Scope, problems: list[Problem], *, ingress: bool = True
 ) -> tuple[list[listener_pb2.Listener], set[Reference]]:
-    """The node's listeners (none without a Sidecar) and the (host, port) pairs TCP ones forward to."""
+    """The node's listeners (none without a Sidecar) and the (host, port) pairs TCP ones forward to.
+
+    `ingress=False`: only the egress ones (with interception, `capture.py` serves the ingress ports).
+    """
     sidecar = scope.sidecar
     listeners: list[listener_pb2.Listener] = []
     referenced: set[Reference] = set()
     if sidecar is None:
         return listeners, referenced
-    for ingress in sidecar.ingress:
-        listeners.append(_ingress(scope, ingress))
+    for entry in sidecar.ingress if ingress else ():
+        listeners.append(_ingress(scope, entry))
     for egress in sidecar.egress:
         if egress.port is None:
             continue
@@ -82,13 +90,21 @@ def build_listeners(
 
 
 def http_connection_manager(
-    stat_prefix: str, *, rds: str = "", route_config: route_pb2.RouteConfiguration | None = None
+    stat_prefix: str,
+    *,
+    rds: str = "",
+    route_config: route_pb2.RouteConfiguration | None = None,
+    filters: Sequence[hcm.HttpFilter] = (),
 ) -> hcm.HttpConnectionManager:
-    """Pillion's HCM: AUTO codec, router filter, request ids, normalized paths; routes by RDS or inline."""
+    """Pillion's HCM: AUTO codec, `filters` then the router, request ids, normalized paths;
+    routes by RDS or inline."""
     manager = hcm.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm.HttpConnectionManager.AUTO,
-        http_filters=[hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router()))],
+        http_filters=[
+            *filters,
+            hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
+        ],
         use_remote_address=wrappers_pb2.BoolValue(value=False),
         generate_request_id=wrappers_pb2.BoolValue(value=True),
         normalize_path=wrappers_pb2.BoolValue(value=True),
@@ -119,13 +135,18 @@ def _ingress(scope: Scope, ingress: IngressListener) -> listener_pb2.Listener:
     port = ingress.port.number
     bind = ingress.bind or "0.0.0.0"
     protocol = ingress.port.protocol
+    authz = NodeAuthz(scope.config, scope.node)  # AuthorizationPolicy, RequestAuthentication
+    chain: list[listener_components_pb2.Filter]
     if protocol is Protocol.HTTP:
         config = http_connection_manager(
-            f"inbound_0.0.0.0_{port}", route_config=inbound_route_table(port)
+            f"inbound_0.0.0.0_{port}",
+            route_config=inbound_route_table(port),
+            filters=authz.http_filters(),
         )
-        chain = network_filter(HCM_FILTER, config)
+        chain = [network_filter(HCM_FILTER, config)]
     else:
-        chain = network_filter(TCP_PROXY_FILTER, tcp_proxy(cluster_name("inbound", port, "", "")))
+        proxy = network_filter(TCP_PROXY_FILTER, tcp_proxy(cluster_name("inbound", port, "", "")))
+        chain = [*authz.network_filters(), proxy]
     mode = scope.inbound_mode(port)
     filters, chains = inbound_chains(mode, chain, protocol, scope.config.mesh.trust_domain)
     return listener_pb2.Listener(

@@ -98,17 +98,23 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """Who the sidecar is: its namespace, its workload labels and (informational) name."""
+    """Who the sidecar is: its namespace, its workload labels and (informational) name.
+
+    `intercept`: the node's traffic is redirected to it by iptables (`pillion
+    init-iptables`; Istio's INTERCEPTION_MODE REDIRECT), so it gets the capture
+    listeners of `capture.py` instead of the Sidecar's explicit ones.
+    """
 
     namespace: str = "default"
     labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
     name: str = ""
+    intercept: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", frozen_map(self.labels))
 
     def __hash__(self) -> int:
-        return hash((self.namespace, tuple(self.labels.items()), self.name))
+        return hash((self.namespace, tuple(self.labels.items()), self.name, self.intercept))
 
 
 # --- registry ---------------------------------------------------------------
@@ -201,6 +207,7 @@ class Sidecar:
     selector: Mapping[str, str] | None
     ingress: tuple[IngressListener, ...]
     egress: tuple[EgressListener, ...]
+    outbound_mode: str = ""  # outboundTrafficPolicy.mode (overrides MeshConfig's); "" = the mesh's
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +321,95 @@ class PeerAuthentication:
     port_modes: Mapping[int, MtlsMode] = field(default_factory=lambda: EMPTY)
 
 
+class AuthzAction(Enum):
+    """AuthorizationPolicy's action (CUSTOM is refused by the loader: there is no ext_authz)."""
+
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+    AUDIT = "AUDIT"  # matched requests are counted (logged), never denied
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzSource:
+    """One `rules[i].from[j].source`: every set field must match (values within a field: any)."""
+
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()  # normalized CIDRs ("10.0.0.0/8", "10.1.2.3/32")
+    not_ip_blocks: tuple[str, ...] = ()
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzOperation:
+    """One `rules[i].to[j].operation`: every set field must match."""
+
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzCondition:
+    """One `rules[i].when[k]`; `key` is checked ("request.headers[x-user]", "source.ip", ...)."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRule:
+    """A rule matches when any source, any operation and every condition match (empty: any)."""
+
+    sources: tuple[AuthzSource, ...] = ()
+    operations: tuple[AuthzOperation, ...] = ()
+    conditions: tuple[AuthzCondition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    meta: Meta
+    selector: Mapping[str, str] | None  # None: every workload of the namespace (or the mesh)
+    action: AuthzAction
+    rules: tuple[AuthzRule, ...]  # () matches nothing
+
+
+@dataclass(frozen=True, slots=True)
+class JwtRule:
+    """One RequestAuthentication `jwtRules[i]`, checked (exactly one of jwks and jwks_uri is set)."""
+
+    issuer: str
+    path: str  # "spec.jwtRules[0]"
+    audiences: tuple[str, ...] = ()
+    jwks: str = ""  # inline JWKS JSON, validated structurally
+    jwks_uri: str = ""
+    timeout: float = 5.0  # seconds, for fetching jwks_uri
+    from_headers: tuple[tuple[str, str], ...] = ()  # (header name, value prefix)
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str = ""
+    forward_original_token: bool = False
+    output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthentication:
+    meta: Meta
+    selector: Mapping[str, str] | None
+    jwt_rules: tuple[JwtRule, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class UnenforcedPolicy:
     """A security or telemetry resource whose shape was checked but which is not enforced yet."""
@@ -335,4 +431,6 @@ class ConfigSet:
     destination_rules: tuple[DestinationRule, ...] = ()
     peer_authentications: tuple[PeerAuthentication, ...] = ()
     unenforced: tuple[UnenforcedPolicy, ...] = ()
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
     files: tuple[str, ...] = ()

@@ -18,6 +18,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
+from control.translate.capture import build_capture
 from control.translate.clusters import build_clusters
 from control.translate.errors import ConfigError, Problem
 from control.translate.listeners import build_listeners
@@ -57,12 +58,20 @@ def translate(config: ConfigSet, node: NodeInfo) -> Resources:
 
     No Sidecar selecting the node is not an error: the node then gets no
     listeners (and clusters for every service exported to its namespace).
+    An intercepted node (`node.intercept`) gets the capture listeners of
+    `capture.py` instead of the Sidecar's explicit ingress listeners.
     """
     problems: list[Problem] = []
     scope = Scope.of(config, node, problems)
-    listeners, tcp_targets = build_listeners(scope, problems)
-    routes, route_targets = build_routes(scope, problems)
-    clusters, endpoints = build_clusters(scope, tcp_targets | route_targets)
+    if node.intercept:
+        captured = build_capture(scope, problems)
+        listeners, routes = captured.listeners, captured.routes
+        clusters, endpoints = build_clusters(scope, captured.referenced)
+        clusters += captured.clusters
+    else:
+        listeners, tcp_targets = build_listeners(scope, problems)
+        routes, route_targets = build_routes(scope, problems)
+        clusters, endpoints = build_clusters(scope, tcp_targets | route_targets)
     if problems:
         raise ConfigError(problems)
     return Resources(

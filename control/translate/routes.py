@@ -12,7 +12,8 @@ Rules:
 - One VirtualHost per visible host with that port, named "host:port". Its
   domains are the host and "host:port", plus the Kubernetes short forms of a
   "a.b.svc.<domain>" host ("a.b", "a.b.svc", and "a" when the node is in
-  namespace b), each with and without ":port". A domain already used by
+  namespace b) and the ServiceEntry's single IPv4 `addresses` (as Istio adds
+  a service's VIPs), each with and without ":port". A domain already used by
   another virtual host of the table is not repeated (Envoy rejects that);
   full host names are claimed before short forms.
 - With a VirtualService: one route per http[] entry and match[] entry, in
@@ -71,20 +72,21 @@ def build_routes(
             if egress.port is not None and egress.port.number == port:
                 hosts.update(scope.visible(egress))
         with_port = [h for h in sorted(hosts) if scope.services[h].port(port) is not None]
-        tables.append(_route_table(scope, port, with_port, referenced, problems))
+        tables.append(route_table(scope, port, with_port, referenced, problems))
     return tables, referenced
 
 
-def _route_table(
+def route_table(
     scope: Scope, port: int, hosts: list[str], referenced: set[Reference], problems: list[Problem]
 ) -> route_pb2.RouteConfiguration:
+    """The table named `port` with one virtual host per host (each of which has `port`)."""
     claimed: set[str] = set()
     for host in hosts:
         claimed.update((host, f"{host}:{port}"))
     virtual_hosts = []
     for host in hosts:
         domains = [host, f"{host}:{port}"]
-        for short in short_names(host, scope.node.namespace):
+        for short in [*short_names(host, scope.node.namespace), *_ips(scope.registry[host].addresses)]:
             for domain in (short, f"{short}:{port}"):
                 if domain not in claimed:
                     claimed.add(domain)
@@ -104,6 +106,11 @@ def _route_table(
             routes = list(_vs_routes(scope, vs, port, referenced, problems))
         virtual_hosts.append(rc.VirtualHost(name=f"{host}:{port}", domains=domains, routes=routes))
     return route_pb2.RouteConfiguration(name=str(port), virtual_hosts=virtual_hosts)
+
+
+def _ips(addresses: Iterable[str]) -> list[str]:
+    """The single addresses among a ServiceEntry's `addresses` (a client may use one as Host)."""
+    return [a.removesuffix("/32") for a in addresses if "/" not in a.removesuffix("/32") and ":" not in a]
 
 
 def short_names(host: str, namespace: str) -> list[str]:

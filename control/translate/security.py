@@ -30,7 +30,7 @@ Rules (Istio's):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -174,13 +174,21 @@ def tls_inspector() -> listener_components_pb2.ListenerFilter:
 
 def inbound_chains(
     mode: MtlsMode,
-    network_filter: listener_components_pb2.Filter,
+    network_filter: listener_components_pb2.Filter | Sequence[listener_components_pb2.Filter],
     protocol: Protocol,
     trust_domain: str,
 ) -> tuple[list[listener_components_pb2.ListenerFilter], list[listener_components_pb2.FilterChain]]:
-    """(listener filters, filter chains) of an inbound listener in `mode` (UNSET means PERMISSIVE)."""
+    """(listener filters, filter chains) of an inbound listener in `mode` (UNSET means PERMISSIVE).
+
+    `network_filter`: the chain's network filter, or its filters in order (a network
+    RBAC filter before tcp_proxy)."""
+    filters = (
+        [network_filter]
+        if isinstance(network_filter, listener_components_pb2.Filter)
+        else list(network_filter)
+    )
     if mode is MtlsMode.DISABLE:
-        return [], [listener_components_pb2.FilterChain(filters=[network_filter])]
+        return [], [listener_components_pb2.FilterChain(filters=filters)]
     server = tls_pb2.DownstreamTlsContext(
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
         common_tls_context=_mesh_context(protocol, [_uri(prefix=f"spiffe://{trust_domain}/")]),
@@ -190,7 +198,7 @@ def inbound_chains(
             name=TLS_CHAIN,
             filter_chain_match=listener_components_pb2.FilterChainMatch(transport_protocol="tls"),
             transport_socket=base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=packed(server)),
-            filters=[network_filter],
+            filters=filters,
         )
     ]
     if mode is not MtlsMode.STRICT:
@@ -200,7 +208,7 @@ def inbound_chains(
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
                     transport_protocol="raw_buffer"
                 ),
-                filters=[network_filter],
+                filters=filters,
             )
         )
     return [tls_inspector()], chains

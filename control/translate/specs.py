@@ -7,9 +7,8 @@ It must not build objects or check anything that spans fields or documents;
 
 Strategy: one constant per Istio message, named after it, composed the way the
 Istio API composes them, so a reader can hold this file next to Istio's
-reference pages. Kinds that are parsed but not enforced yet (authorization,
-request authentication, telemetry) are described in full too, so their shape
-is already checked.
+reference pages. Kinds that are parsed but not enforced yet (telemetry) are
+described in full too, so their shape is already checked.
 """
 
 from __future__ import annotations
@@ -279,16 +278,20 @@ DESTINATION_RULE = Obj(
 )
 
 # --- security and telemetry -------------------------------------------------
-# PeerAuthentication is enforced; the others are parsed but not enforced yet.
+# PeerAuthentication, AuthorizationPolicy and RequestAuthentication are enforced;
+# Telemetry is parsed but not enforced yet.
 
 _TARGETS: Mapping[str, Spec] = {
     "selector": LABEL_SELECTOR,
     "targetRef": POLICY_TARGET_REFERENCE,
     "targetRefs": ListOf(POLICY_TARGET_REFERENCE),
 }
+# Sidecars are selected by labels; targetRef(s) name gateways and waypoints, which Pillion has not.
+_SELECTOR_ONLY: Mapping[str, Spec] = {"selector": LABEL_SELECTOR}
+_TARGET_REFS = ("targetRef", "targetRefs")
 AUTHORIZATION_POLICY = Obj(
     {
-        **_TARGETS,
+        **_SELECTOR_ONLY,
         "action": Enum(("ALLOW", "DENY", "AUDIT", "CUSTOM")),
         "provider": Obj({"name": STR}),
         "rules": ListOf(
@@ -311,10 +314,9 @@ AUTHORIZATION_POLICY = Obj(
                                             "notIpBlocks",
                                             "remoteIpBlocks",
                                             "notRemoteIpBlocks",
-                                            "serviceAccounts",
-                                            "notServiceAccounts",
                                         )
-                                    }
+                                    },
+                                    unsupported=("serviceAccounts", "notServiceAccounts"),
                                 )
                             }
                         )
@@ -346,7 +348,8 @@ AUTHORIZATION_POLICY = Obj(
                 }
             )
         ),
-    }
+    },
+    unsupported=_TARGET_REFS,
 )
 MTLS_MODE = Obj({"mode": Enum(("UNSET", "DISABLE", "PERMISSIVE", "STRICT"))})
 PEER_AUTHENTICATION = Obj(
@@ -368,7 +371,9 @@ JWT_RULE = Obj(
     },
     required=("issuer",),
 )
-REQUEST_AUTHENTICATION = Obj({**_TARGETS, "jwtRules": ListOf(JWT_RULE)})
+REQUEST_AUTHENTICATION = Obj(
+    {**_SELECTOR_ONLY, "jwtRules": ListOf(JWT_RULE)}, unsupported=_TARGET_REFS
+)
 PROVIDERS = ListOf(Obj({"name": STR}, required=("name",)))
 WORKLOAD_MODE = Obj({"mode": Enum(("CLIENT_AND_SERVER", "CLIENT", "SERVER"))})
 TELEMETRY = Obj(
@@ -474,4 +479,4 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "security.istio.io": ("v1beta1", "v1"),
     "telemetry.istio.io": ("v1alpha1", "v1"),
 }
-UNENFORCED_KINDS = frozenset({"AuthorizationPolicy", "RequestAuthentication", "Telemetry"})
+UNENFORCED_KINDS = frozenset({"Telemetry"})

@@ -234,7 +234,8 @@ def sidecar(s: Session, e: Entry, b: Build) -> Sidecar | None:
             )
     if b.failed:
         return None
-    result = Sidecar(e.meta(), selector, tuple(ingress), tuple(egress))
+    mode = e.spec.get("outboundTrafficPolicy", {}).get("mode", "")
+    result = Sidecar(e.meta(), selector, tuple(ingress), tuple(egress), mode)
     if selector is None:
         s.fallback_sidecars[e.namespace] = result
     return result

@@ -492,3 +492,20 @@ async def test_a_member_that_reconnects_within_the_grace_period_keeps_its_entry(
             assert entry["streams"] == 1 and not entry["expiring"]
             assert control.server.rebuilds == rebuilds, "a reconnect within the grace period is not a change"
         await client.until(lambda c: ("10.0.0.33", 9081) not in endpoints_of(c))
+
+
+def test_interception_mode_in_node_metadata_selects_capture_translation():
+    """A sidecar that says INTERCEPTION_MODE=REDIRECT gets the capture listeners (15001/15006)."""
+    from envoy.config.core.v3 import base_pb2
+    from google.protobuf import struct_pb2
+
+    from control.registry import node_identity
+
+    md = struct_pb2.Struct()
+    md.update({"NAMESPACE": "default", "INTERCEPTION_MODE": "REDIRECT"})
+    md.get_or_create_struct("LABELS").update({"app": "a"})
+    ident = node_identity(base_pb2.Node(id="sidecar~10.0.0.1~a.default~default.svc.cluster.local", metadata=md), "")
+    assert ident.node_info().intercept is True
+    md.update({"INTERCEPTION_MODE": "NONE"})
+    ident = node_identity(base_pb2.Node(id="sidecar~10.0.0.1~a.default~default.svc.cluster.local", metadata=md), "")
+    assert ident.node_info().intercept is False

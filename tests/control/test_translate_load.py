@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from control.translate import ConfigError, NodeInfo, Problem, load_dir, load_sources, load_text
-from control.translate.model import MatchKind, Protocol, Resolution
+from control.translate.model import AuthzAction, MatchKind, Protocol, Resolution
 from tests.control.translate_fixtures import DATA, REVIEWS_REGISTRY, seed, seed_reviews
 
 
@@ -34,35 +34,22 @@ def test_seed_virtualservice_and_destinationrule_load_unchanged() -> None:
     ]
 
 
-def test_seed_authorization_policy_is_refused_by_default_with_one_clear_problem() -> None:
+def test_seed_authorization_policy_loads_unchanged_and_is_enforced() -> None:
     text = seed("seed_authorizationpolicy_allow_get.yaml")
-    with pytest.raises(ConfigError) as caught:
-        load_text(text, "authz.yaml")
-    (problem,) = caught.value.problems
-    assert problem.file == "authz.yaml"
-    assert problem.resource == "AuthorizationPolicy default/allow-get"
-    assert problem.field == ""
-    assert problem.message == (
-        "AuthorizationPolicy is not enforced yet; refusing to load rather than silently "
-        "ignoring a security policy"
-    )
-
-
-def test_seed_authorization_policy_parses_when_unenforced_policies_are_allowed() -> None:
-    text = seed("seed_authorizationpolicy_allow_get.yaml")
-    config = load_text(text, allow_unenforced_security=True)
-    (policy,) = config.unenforced
+    config = load_text(text, "authz.yaml")
+    (policy,) = config.authorization_policies
     assert policy.meta.resource == "AuthorizationPolicy default/allow-get"
-    assert policy.spec == {
-        "action": "ALLOW",
-        "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}],
-    }
+    assert policy.action is AuthzAction.ALLOW and policy.selector is None
+    (rule,) = policy.rules
+    assert rule.sources == () and rule.conditions == ()
+    assert [op.methods for op in rule.operations] == [("GET",)]
+    assert config.unenforced == ()
 
 
-def test_security_field_validation_runs_even_when_allowed() -> None:
+def test_security_field_validation_names_the_field() -> None:
     text = seed("seed_authorizationpolicy_allow_get.yaml").replace("methods:", "verbs:")
     with pytest.raises(ConfigError) as caught:
-        load_text(text, allow_unenforced_security=True)
+        load_text(text)
     (problem,) = caught.value.problems
     assert problem.field == "spec.rules[0].to[0].operation.verbs"
     assert problem.message == "unknown field"
@@ -78,11 +65,8 @@ def test_load_dir_reads_the_seed_files_unchanged(tmp_path: Path) -> None:
     for path in DATA.glob("seed_*.yaml"):
         shutil.copy(path, tmp_path / path.name)
     (tmp_path / "registry.yml").write_text(REVIEWS_REGISTRY)
-    with pytest.raises(ConfigError) as caught:
-        load_dir(tmp_path)
-    # The only refusal is the unenforced security policy.
-    assert [p.resource for p in caught.value.problems] == ["AuthorizationPolicy default/allow-get"]
-    config = load_dir(tmp_path, allow_unenforced_security=True)
+    config = load_dir(tmp_path)
+    assert [p.meta.name for p in config.authorization_policies] == ["allow-get"]
     assert len(config.virtual_services) == 1
     assert len(config.workload_entries) == 4
     assert [Path(f).name for f in config.files] == sorted(
@@ -205,12 +189,6 @@ spec:
 @pytest.mark.parametrize(
     ("kind", "api_version", "spec", "what"),
     [
-        (
-            "RequestAuthentication",
-            "security.istio.io/v1",
-            "{jwtRules: [{issuer: https://issuer.example, jwksUri: https://issuer.example/keys}]}",
-            "a security policy",
-        ),
         (
             "Telemetry",
             "telemetry.istio.io/v1",
