@@ -42,6 +42,7 @@ class Peer:
     uris: tuple[str, ...]  # URI SANs (SPIFFE IDs)
     dns: tuple[str, ...]
     cert_sha256: str  # hex, of the DER certificate
+    sni: str = ""  # the server name the client asked for (AuthorizationPolicy connection.sni)
 
     @property
     def spiffe_id(self) -> str:
@@ -98,6 +99,7 @@ class TlsProvider:
                 ctx.verify_mode = ssl.CERT_REQUIRED if spec.require_client_cert else ssl.CERT_OPTIONAL
             if spec.alpn:
                 ctx.set_alpn_protocols(list(spec.alpn))
+            ctx.sni_callback = _remember_sni
             self._server[spec] = ctx
         return ctx
 
@@ -145,6 +147,11 @@ def _first_uri(chain_pem: bytes) -> str:
     return uris[0] if uris else ""
 
 
+def _remember_sni(sslobj: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+    """Server side: keep the client's SNI on the SSL object (the stdlib does not expose it)."""
+    sslobj._pillion_sni = server_name or ""
+
+
 def peer_of(transport: Any) -> Peer | None:
     """The peer of an established TLS connection, or None if it sent no certificate."""
     cert = transport.get_extra_info("peercert")
@@ -154,7 +161,7 @@ def peer_of(transport: Any) -> Peer | None:
         return None
     uris = tuple(v for k, v in cert.get("subjectAltName", ()) if k == "URI")
     dns = tuple(v for k, v in cert.get("subjectAltName", ()) if k == "DNS")
-    return Peer(uris, dns, hashlib.sha256(der).hexdigest())
+    return Peer(uris, dns, hashlib.sha256(der).hexdigest(), getattr(sslobj, "_pillion_sni", ""))
 
 
 def sans_allowed(matchers: tuple[SanMatch, ...], peer: Peer | None) -> bool:

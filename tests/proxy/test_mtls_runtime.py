@@ -169,3 +169,30 @@ async def test_mismatched_certificate_and_key_is_refused_and_the_old_pair_keeps_
             # The listener still terminates TLS with the previous, consistent pair.
             status, _, _ = await tls_get(ingress, client_context(pki, tmp_path / "c1"))
             assert status == 200
+
+
+async def test_the_client_sni_is_seen_by_the_server_side(tmp_path, pki):
+    """connection.sni (AuthorizationPolicy) needs the server name the client sent."""
+    from proxy.model import Secret
+    from proxy.tls import TlsProvider, peer_of
+
+    certs = pki.issue(tmp_path / "srv", "default", "reviews")
+    provider = TlsProvider()
+    provider.update({"default": Secret("default", (certs / "cert-chain.pem").read_bytes(), (certs / "key.pem").read_bytes()),
+                     "ROOTCA": Secret("ROOTCA", roots=(certs / "root-cert.pem").read_bytes())})
+    seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport):
+            seen.set_result(peer_of(transport))
+            transport.close()
+
+    server = await asyncio.get_running_loop().create_server(Probe, "127.0.0.1", 0, ssl=provider.server_context(SERVER_TLS))
+    port = server.sockets[0].getsockname()[1]
+    ctx = client_context(pki, tmp_path / "c")
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="outbound_.9080_._.reviews")
+    peer = await asyncio.wait_for(seen, 5)
+    writer.close()
+    server.close()
+    assert peer is not None and peer.sni == "outbound_.9080_._.reviews"
+    assert peer.spiffe_id == PRODUCTPAGE_ID
