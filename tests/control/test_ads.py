@@ -33,6 +33,7 @@ from tests.conformance.ads_client import (
     referenced_clusters,
     unpack,
 )
+from tests.helpers.poll import poll
 
 REVIEWS = "outbound|9080||reviews.default.svc.cluster.local"
 DB = "outbound|5432||db.default.svc.cluster.local"
@@ -157,12 +158,7 @@ async def control(tmp_path: Path) -> AsyncIterator[Control]:
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
     """Poll `check` with a deadline (for state another task changes)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise TimeoutError(f"not reached in {timeout}s: {what}")
-        await asyncio.sleep(0.01)
+    await poll(check, timeout=timeout, interval=0.01, what=what)
 
 
 def settled(control: Control, node_id: str) -> Callable[[], bool]:

@@ -20,6 +20,7 @@ from control.server import ControlOptions, ControlServer
 from control.status import format_syncz
 from tests.conformance.ads_client import CDS, AdsClient
 from tests.control.test_ads import MESH, productpage
+from tests.helpers.poll import poll
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -40,15 +41,7 @@ def get(port: int, path: str) -> tuple[int, Any]:
 
 async def until(check: Any, timeout: float = 10.0, what: str = "") -> Any:
     """Poll a blocking `check` (in a thread) with a deadline until it returns something truthy."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise TimeoutError(f"not reached in {timeout}s: {what}")
-        await asyncio.sleep(0.02)
+    return await poll(lambda: asyncio.to_thread(check), timeout=timeout, what=what)
 
 
 async def read_ports(process: subprocess.Popen[str], timeout: float = 15.0) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.config import HOST, service_entry, sidecar, simple_mesh, write
 from tests.helpers.net import ProxyHandle, RawClient, Response, free_port, standalone_proxy
+from tests.helpers.poll import poll
 from tests.helpers.upstreams import RecordingUpstream
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -53,13 +54,16 @@ class Mesh:
 
     async def wait_gauges(self, want: dict[str, float], timeout: float = 0.5) -> dict[str, float]:
         """Poll the admin API (with a deadline) until every sample in ``want`` has its value."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
+        last: dict[str, float] = {}
+
+        async def settled() -> bool:
             got = await self.gauges()
-            if all(got.get(k) == v for k, v in want.items()) or loop.time() >= deadline:
-                return {k: got.get(k, -1) for k in want}
-            await asyncio.sleep(0.02)
+            last.update({k: got.get(k, -1) for k in want})
+            return all(got.get(k) == v for k, v in want.items())
+
+        with contextlib.suppress(TimeoutError):
+            await poll(settled, timeout=timeout)
+        return last
 
 
 @contextlib.asynccontextmanager

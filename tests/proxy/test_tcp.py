@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.config import HOST, simple_mesh, write
 from tests.helpers.net import ProxyHandle, free_port, standalone_proxy
+from tests.helpers.poll import poll
 from tests.helpers.upstreams import TcpServer, UnacceptingListener
 
 
@@ -49,13 +50,17 @@ class Tcp:
 
     async def wait_stats(self, want: dict[str, float], timeout: float = 0.5) -> dict[str, float]:
         """Poll the admin API (with a deadline) until every sample in ``want`` has its value."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
+        last: dict[str, float] = {}
+
+        async def settled() -> bool:
             got = await self.stats()
-            if all(got.get(k) == v for k, v in want.items()) or loop.time() >= deadline:
-                return got
-            await asyncio.sleep(0.02)
+            last.clear()
+            last.update(got)
+            return all(got.get(k) == v for k, v in want.items())
+
+        with contextlib.suppress(TimeoutError):
+            await poll(settled, timeout=timeout)
+        return last
 
 
 CLOSED = {"istio_tcp_connections_closed_total": 1, "envoy_listener_downstream_cx_active": 0}
