@@ -59,6 +59,9 @@ def control(argv: list[str]) -> int:
                     "(created on first start; mint tokens with `pillion control token`)")
     ap.add_argument("--trust-domain", default="cluster.local", help="trust domain of a CA created in --ca-state-dir")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--otlp-port", type=int, default=None,  # [tracing]
+                    help="also receive OTLP/gRPC traces on this port (4317 usually; 0: any free port); "
+                         "the last traces are served on /debug/traces (see `pillion traces`)")
     args = ap.parse_args(argv)
     from control.server import ControlOptions, run
 
@@ -67,6 +70,7 @@ def control(argv: list[str]) -> int:
         debug_port=args.debug_port, registration_grace=args.registration_grace,
         debounce=args.debounce, watch=not args.no_watch, ca_state_dir=args.ca_state_dir,
         trust_domain=args.trust_domain,
+        otlp_port=args.otlp_port,  # [tracing]
     )
     return run(options, args.log_level)
 
@@ -83,6 +87,19 @@ def status(argv: list[str]) -> int:
     return status_main(args.server)
 
 
+def traces(argv: list[str]) -> int:  # [tracing]
+    ap = argparse.ArgumentParser(
+        prog="pillion traces",
+        description="Show the recent traces the control server's OTLP receiver (--otlp-port) holds, as trees.",
+    )
+    ap.add_argument("--server", default="127.0.0.1:15014", help="the control server's debug address (host:port)")
+    ap.add_argument("--limit", type=int, default=10, help="how many traces to show (most recent first)")
+    args = ap.parse_args(argv)
+    from control.traces_cli import traces_main
+
+    return traces_main(args.server, args.limit)
+
+
 def main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "control":
@@ -91,6 +108,8 @@ def main(argv: list[str]) -> int:
         return status(rest)
     if cmd == "validate":
         return validate(rest)
+    if cmd == "traces":  # [tracing]
+        return traces(rest)
     if cmd == "demo":
         from control.demo import main as demo_main
 

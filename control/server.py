@@ -34,6 +34,7 @@ from certs.errors import CertError
 from control.ads import AdsServer
 from control.ca_service import CaService, load_or_create_ca, load_or_create_token_key
 from control.cache import ResourceCache
+from control.otlp_receiver import OtlpReceiver  # [tracing]
 from control.registry import DEFAULT_GRACE_SECONDS, Registry
 from control.status import DebugServer
 from control.store import ConfigStore, FileStore
@@ -54,6 +55,7 @@ class ControlOptions:
     stop_grace: float = 1.0  # seconds streams get to finish on stop
     ca_state_dir: str | None = None  # also serve the mesh CA (IstioCertificateService) on the xDS port
     trust_domain: str = "cluster.local"  # of the CA created in ca_state_dir
+    otlp_port: int | None = None  # [tracing] also receive OTLP/gRPC traces here (0: any free port)
 
 
 class ControlServer:
@@ -73,6 +75,13 @@ class ControlServer:
             },
             ready=self.is_ready,
         )
+        # [tracing] the embedded OTLP receiver and its /debug/traces view
+        self.otlp: OtlpReceiver | None = None
+        self.otlp_port = 0
+        if options.otlp_port is not None:
+            self.otlp = OtlpReceiver()
+            self.debug.views["/debug/traces"] = self.otlp.status
+        # [tracing] end
         self.ready = asyncio.Event()
         self.xds_port = 0
         self.debug_port = 0
@@ -111,6 +120,8 @@ class ControlServer:
         await server.start()
         self._grpc, self.xds_port = server, bound
         self.debug_port = await self.debug.start(self.options.address, self.options.debug_port)
+        if self.otlp is not None and self.options.otlp_port is not None:  # [tracing]
+            self.otlp_port = await self.otlp.start(_host(self.options.address), self.options.otlp_port)
         log.info("pillion control: xDS (ADS) on %s:%d, debug on %s:%d, config %s",
                  self.options.address, self.xds_port, self.options.address, self.debug_port,
                  self.options.config_dir)
@@ -122,6 +133,8 @@ class ControlServer:
             await self._grpc.stop(self.options.stop_grace)
             self._grpc = None
         await self.debug.stop()
+        if self.otlp is not None:  # [tracing]
+            await self.otlp.stop()
         await self.store.stop()
         self.registry.close()
 

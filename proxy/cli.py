@@ -15,7 +15,7 @@ import sys
 
 from proxy.options import ProxyOptions
 
-CONTROL_COMMANDS = ("control", "status", "validate", "demo")
+CONTROL_COMMANDS = ("control", "status", "validate", "demo", "traces")  # [tracing] traces
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -87,6 +87,7 @@ commands:
   proxy          run a sidecar proxy (standalone: --config-dir DIR; or --xds HOST:PORT)
   control        run the control server (ADS on 15010); `pillion control status` lists proxies
   certs          mesh CA and workload certificates: init, issue, inspect
+  proxy-config   show a running sidecar's listeners, routes, clusters, endpoints, secrets
   validate       check a directory of Istio YAML
   init-iptables  install (or --clean) the interception rules of this network namespace
   demo           run a local demo: an app behind a sidecar, with traffic
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         from proxy.iptables import main as iptables_main
 
         return iptables_main(rest)
+    if cmd == "proxy-config":  # [accesslog] istioctl proxy-config, over the admin API
+        from proxy.proxy_config import main as proxy_config_main
+
+        return proxy_config_main(rest)
     if cmd == "certs":
         from certs.cli import main as certs_main
 

@@ -37,6 +37,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from proxy import model
+from proxy.compile_accesslog import access_log  # [accesslog]
 from proxy.compile_capture import (
     CAPTURE_MATCH_FIELDS,
     capture_listener,
@@ -54,6 +55,7 @@ from proxy.compile_tls import (
     socket_matches,
     upstream_tls,
 )
+from proxy.compile_tracing import with_tracing  # [tracing]
 from proxy.errors import InvalidResource
 
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -306,19 +308,22 @@ def _chain_listener(ctx: _Ctx, address: str, port: int, direction: model.Directi
         hcm = hcm_pb2.HttpConnectionManager()
         f.typed_config.Unpack(hcm)
         http = _hcm(ctx, hcm, routes, f"{fpath}.typed_config")
+        http = with_tracing(ctx, hcm, http, direction, f"{fpath}.typed_config")  # [tracing]
         return model.Listener(ctx.name, address, port, direction, model.Protocol.HTTP, http=http,
                               tls=tls, plaintext=plaintext, bind_to_port=bind)
     if type_url == TCP_PROXY_TYPE:
         tp = tcp_proxy_pb2.TcpProxy()
         f.typed_config.Unpack(tp)
         p = f"{fpath}.typed_config"
-        _only(ctx, tp, {"stat_prefix", "cluster", "idle_timeout"}, p)
+        _only(ctx, tp, {"stat_prefix", "cluster", "idle_timeout", "access_log"}, p)  # [accesslog] access_log
         if not tp.cluster:
             raise ctx.fail(f"{p}.cluster", "required (weighted TCP routes are not supported yet)")
         idle = _seconds(tp.idle_timeout) if tp.HasField("idle_timeout") else ENVOY_DEFAULT_IDLE_TIMEOUT
         rbac = network_rbac(ctx, fc.filters[:-1], f"filter_chains[{first}].filters")  # [authz]
         return model.Listener(ctx.name, address, port, direction, model.Protocol.TCP,
-                              tcp=model.TcpSettings(tp.stat_prefix, tp.cluster, idle, rbac), tls=tls,
+                              tcp=model.TcpSettings(tp.stat_prefix, tp.cluster, idle, rbac,
+                                                    access_log(ctx, tp.access_log, f"{p}.access_log")),  # [accesslog]
+                              tls=tls,
                               plaintext=plaintext, bind_to_port=bind)
     raise ctx.fail(f"{fpath}.typed_config", f"unsupported network filter type {type_url!r}")
 
@@ -362,6 +367,8 @@ def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.
         "stat_prefix", "codec_type", "rds", "route_config", "http_filters", "use_remote_address",
         "generate_request_id", "normalize_path", "max_request_headers_kb", "common_http_protocol_options",
         "upgrade_configs", "xff_num_trusted_hops", "stream_idle_timeout",
+        "access_log",  # [accesslog]
+        "tracing",  # [tracing] compile_tracing.py
     }, path)
     if hcm.codec_type not in (hcm_pb2.HttpConnectionManager.AUTO, hcm_pb2.HttpConnectionManager.HTTP1):
         raise ctx.fail(f"{path}.codec_type", "only AUTO and HTTP1 are supported (HTTP/2 comes later)")
@@ -393,7 +400,9 @@ def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.
         if cho.HasField("max_headers_count"):
             max_count = cho.max_headers_count.value
     gen = hcm.generate_request_id.value if hcm.HasField("generate_request_id") else True
-    return model.HttpSettings(hcm.stat_prefix, rc_name, max_kb * 1024, max_count, idle, gen, True, policy=policy)
+    log = access_log(ctx, hcm.access_log, f"{path}.access_log")  # [accesslog]
+    return model.HttpSettings(hcm.stat_prefix, rc_name, max_kb * 1024, max_count, idle, gen, True, policy=policy,
+                              access_log=log)  # [accesslog]
 
 
 # ---------------------------------------------------------------- clusters

@@ -13,11 +13,13 @@ import asyncio
 import random
 from typing import Protocol
 
+from proxy.accesslog import AccessLogger  # [accesslog]
 from proxy.cluster import ClusterManager
 from proxy.jwks_fetch import JwksFetcher
 from proxy.model import EMPTY, Snapshot
 from proxy.stats import StatsStore
 from proxy.tls import TlsProvider
+from proxy.tracing import Tracer  # [tracing]
 
 
 class Connection(Protocol):
@@ -34,6 +36,8 @@ class Context:
         self.clusters = ClusterManager(loop, self.stats, self.tls)
         self.jwks = JwksFetcher(loop)  # remote JWKS of RequestAuthentication jwksUri, kept fresh
         self.snapshot: Snapshot = EMPTY
+        self.tracer = Tracer()  # [tracing] spans queued per worker, exported by a background thread
+        self.access_log = AccessLogger(loop)  # [accesslog] records queued per worker, written in the background
         self.connections: set[Connection] = set()
         self.draining = False
         self.drained = asyncio.Event()  # set when draining and the last connection closed
@@ -55,4 +59,5 @@ class Context:
         self.tls.update(snapshot.secrets)
         self.clusters.update(snapshot.clusters)
         self.jwks.update(snapshot)
+        self.tracer.update(snapshot)  # [tracing] the collector's address; starts the exporter once
         self.snapshot = snapshot

@@ -29,6 +29,7 @@ from proxy.policy import authorize_connection
 
 if TYPE_CHECKING:
     from proxy.authz import RbacFilter
+from proxy.accesslog import TCP as TCP_RECORD  # [accesslog]
 from proxy.stats import ClusterStats, ListenerStats
 from proxy.tls import MissingSecret, failure_reason, peer_of, sans_allowed
 from proxy.upstream import tls_client_args
@@ -49,7 +50,9 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
 class TcpDownstream(asyncio.Protocol):
     __slots__ = (
         "_closed", "_connect", "_down_eof", "_flushed_rx", "_flushed_tx", "_idle_start", "_pending", "_seen",
-        "_up_eof", "ctx", "listener", "lstats", "original_dst", "rx", "stats", "transport", "tx", "up_t", "upstream",
+        "_up_eof", "ctx", "listener",
+        "log_start",  # [accesslog]
+        "lstats", "original_dst", "rx", "stats", "transport", "tx", "up_t", "upstream",
     )
 
     def __init__(self, ctx: Context, listener: Listener, lstats: ListenerStats) -> None:
@@ -76,6 +79,7 @@ class TcpDownstream(asyncio.Protocol):
         self._closed = False
         self._seen = 0
         self._idle_start = ctx.tick
+        self.log_start: tuple[float, str, str] | None = None  # [accesslog] (loop time, upstream host, cluster)
 
     # -- downstream events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,6 +116,8 @@ class TcpDownstream(asyncio.Protocol):
             return
         self.stats = rt.stats
         rt.stats.tcp_opened += 1
+        if tcp.access_log is not None:  # [accesslog]
+            self.log_start = (ctx.loop.time(), ep.address, rt.spec.name)
         transport.pause_reading()  # until the upstream is there
         self._connect = ctx.loop.create_task(self._open(rt, ep))
 
@@ -191,6 +197,8 @@ class TcpDownstream(asyncio.Protocol):
         if self.stats is not None:
             self.flush_stats()
             self.stats.tcp_closed += 1
+        if self.log_start is not None:  # [accesslog] one line per connection, at close
+            self._access_log(self.log_start)
         if self._connect is not None:
             self._connect.cancel()
         up = self.upstream
@@ -211,6 +219,17 @@ class TcpDownstream(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.upstream is not None:
             self.upstream.resume_reading()
+
+    def _access_log(self, start: tuple[float, str, str]) -> None:  # [accesslog]
+        tcp = self.listener.tcp
+        assert tcp is not None and tcp.access_log is not None
+        t = self.transport
+        peername = t.get_extra_info("peername") if t is not None else None
+        client = f"{peername[0]}:{peername[1]}" if peername else ""
+        peer = peer_of(t) if t is not None and self.listener.tls is not None \
+            and t.get_extra_info("ssl_object") is not None else None
+        self.ctx.access_log.push((tcp.access_log, TCP_RECORD, start[0], self.ctx.loop.time(), self.rx, self.tx,
+                                  client, peer, start[1], start[2]))
 
     def flush_stats(self) -> None:
         stats = self.stats

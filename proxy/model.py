@@ -200,6 +200,28 @@ class Cluster:
     original_dst_tls: TlsClient | None = None
 
 
+# [accesslog] where and how a listener logs each request / connection (HCM and tcp_proxy
+# access_log: envoy.access_loggers.file). Records are queued on the path and written by
+# a background task (proxy/accesslog.py); None = off, and then costs one attribute check.
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    path: str  # a file, or "/dev/stdout"
+    encoding: str = "TEXT"  # "TEXT" (Envoy's default format line) or "JSON" (Envoy's default fields)
+# [accesslog] end
+
+
+# [tracing] HCM ``tracing`` (OpenTelemetry provider), compiled by compile.py.
+@dataclass(frozen=True, slots=True)
+class TraceSettings:
+    """Where and how often this listener's requests are traced."""
+
+    sample_percent: float  # random_sampling, 0-100 (Envoy's default: 100)
+    collector_cluster: str  # the OTLP/gRPC collector's cluster (grpc_service.envoy_grpc)
+    service_name: str  # the resource's service.name
+    server: bool  # True: server spans (INBOUND listeners); False: client spans (OUTBOUND)
+# [tracing] end
+
+
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     """What the HTTP connection manager of one listener needs."""
@@ -214,6 +236,8 @@ class HttpSettings:
     # jwt_authn and RBAC filters before the router (AuthorizationPolicy, RequestAuthentication);
     # None when the HCM has no filter besides the router: requests then pay nothing for it.
     policy: HttpPolicy | None = None
+    access_log: AccessLog | None = None  # [accesslog]
+    tracing: TraceSettings | None = None  # [tracing] None: requests pay one attribute check
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +247,7 @@ class TcpSettings:
     idle_timeout: float = 3600.0  # Envoy's tcp_proxy default: 1h; 0 disables
     # Network RBAC filters before tcp_proxy, evaluated once when a connection is accepted.
     rbac: tuple[RbacFilter, ...] = ()
+    access_log: AccessLog | None = None  # [accesslog]
 
 
 @dataclass(frozen=True, slots=True)

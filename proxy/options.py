@@ -36,4 +36,6 @@ class ProxyOptions:
         return self.node_name or self.labels.get("app", "") or "sidecar"
 
     def node(self) -> dict[str, str]:
-        return {"workload": self.workload, "namespace": self.namespace}
+        # [accesslog] app/version: Istio's source_/destination_app and _version labels of this workload
+        return {"workload": self.workload, "namespace": self.namespace,
+                "app": self.labels.get("app", ""), "version": self.labels.get("version", "")}

@@ -35,7 +35,7 @@ class _Histogram:
 
 
 class RequestClass:
-    """Numbers for one (response code, response flags) pair of one cluster."""
+    """Numbers for one (response code, response flags, mTLS, peer identity) class of one cluster."""
 
     __slots__ = ("count", "duration", "request_size", "response_size")
 
@@ -59,7 +59,9 @@ class ClusterStats:
         self.name = name
         self.service = service
         self.direction = direction
-        self.classes: dict[tuple[int, str], RequestClass] = {}
+        # (code, flags, mtls, peer identity): the peer's SPIFFE id inbound, the server's expected one
+        # outbound ("" unknown). Bounded: identities are the mesh's service accounts.
+        self.classes: dict[tuple[int, str, bool, str], RequestClass] = {}
         self.rq_total = 0
         self.rq_active = 0
         self.rq_timeout = 0
@@ -73,8 +75,9 @@ class ClusterStats:
         self.tcp_sent = 0  # bytes sent to the downstream client (Istio: response direction)
         self.tcp_received = 0  # bytes received from the downstream client
 
-    def record_request(self, code: int, flags: str, duration_ms: float, req_bytes: int, resp_bytes: int) -> None:
-        key = (code, flags)
+    def record_request(self, code: int, flags: str, duration_ms: float, req_bytes: int, resp_bytes: int,
+                       mtls: bool = False, peer: str = "") -> None:
+        key = (code, flags, mtls, peer)
         cls = self.classes.get(key)
         if cls is None:
             cls = self.classes[key] = RequestClass()
@@ -93,13 +96,13 @@ class ClusterStats:
         out["service"] = self.service
         out["direction"] = self.direction
         out["classes"] = {
-            f"{code}|{flags}": {
+            f"{code}|{flags}|{int(mtls)}|{peer}": {
                 "count": c.count,
                 "duration": c.duration.export(),
                 "request_size": c.request_size.export(),
                 "response_size": c.response_size.export(),
             }
-            for (code, flags), c in self.classes.items()
+            for (code, flags, mtls, peer), c in self.classes.items()
         }
         return out
 
@@ -202,28 +205,51 @@ def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra:
     lines: list[str] = []
     clusters: Mapping[str, Any] = merged.get("clusters", {})
 
-    def istio_base(cname: str, c: Mapping[str, Any]) -> list[tuple[str, str]]:
+    app = node.get("app", "") or "unknown"
+    version = node.get("version", "") or "unknown"
+
+    def istio_base(cname: str, c: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """The labels of a cluster before and after the principals (Istio's label order)."""
         inbound = c.get("direction") == "inbound"
         service = c.get("service") or "unknown"
         svc_name, _, rest = service.partition(".")
         svc_ns = rest.split(".", 1)[0] if rest else "unknown"
         if inbound:
-            src = ("unknown", "unknown")
-            dst_w, dst_ns = workload, namespace
+            src = ("unknown", "unknown", "unknown", "unknown")
+            dst = (workload, namespace, app, version)
         else:
-            src = (workload, namespace)
-            dst_w, dst_ns = "unknown", svc_ns
+            src = (workload, namespace, app, version)
+            dst = ("unknown", svc_ns, "unknown", "unknown")
         return [
             ("reporter", "destination" if inbound else "source"),
             ("source_workload", src[0]),
             ("source_workload_namespace", src[1]),
-            ("destination_workload", dst_w),
-            ("destination_workload_namespace", dst_ns),
+        ], [
+            ("source_app", src[2]),
+            ("source_version", src[3]),
+            ("destination_workload", dst[0]),
+            ("destination_workload_namespace", dst[1]),
+            ("destination_app", dst[2]),
+            ("destination_version", dst[3]),
             ("destination_service", service),
             ("destination_service_name", svc_name or "unknown"),
             ("destination_service_namespace", svc_ns),
             ("destination_cluster", cname),
         ]
+
+    def request_labels(cname: str, c: Mapping[str, Any], key: str, with_policy: bool) -> list[tuple[str, str]]:
+        """Labels of one request class: key "code|flags|mtls|peer" (older exports: "code|flags")."""
+        head, tail = istio_base(cname, c)
+        code, flags, mtls, peer = [*key.split("|", 3), "0", ""][:4]
+        inbound = c.get("direction") == "inbound"
+        # inbound: peer = the client's SPIFFE id; outbound: the server's expected identity
+        src_p, dst_p = (peer or "unknown", "unknown") if inbound else ("unknown", peer or "unknown")
+        lab = [*head, ("source_principal", src_p), *tail[:6], ("destination_principal", dst_p), *tail[6:],
+               ("request_protocol", "http"), ("response_code", code), ("response_flags", flags or "-")]
+        if with_policy:
+            lab.append(("connection_security_policy", "mutual_tls" if inbound and mtls == "1" else "none"))
+        lab.append(("grpc_response_status", ""))  # gRPC status: not parsed yet
+        return lab
 
     def family(name: str, kind: str, help_: str) -> None:
         lines.append(f"# HELP {name} {help_}")
@@ -232,12 +258,8 @@ def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra:
     # --- Istio standard HTTP metrics
     family("istio_requests_total", "counter", "Requests handled, by response code and flags.")
     for cname, c in sorted(clusters.items()):
-        base = istio_base(cname, c)
         for key, cls in sorted(c.get("classes", {}).items()):
-            code, _, flags = key.partition("|")
-            lab = [*base, ("request_protocol", "http"), ("response_code", code),
-                   ("response_flags", flags or "-"), ("connection_security_policy", "none")]
-            lines.append(f"istio_requests_total{_labels(lab)} {cls['count']}")
+            lines.append(f"istio_requests_total{_labels(request_labels(cname, c, key, True))} {cls['count']}")
     for metric, field, bounds in (
         ("istio_request_duration_milliseconds", "duration", DURATION_BUCKETS_MS),
         ("istio_request_bytes", "request_size", SIZE_BUCKETS),
@@ -245,11 +267,8 @@ def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra:
     ):
         family(metric, "histogram", f"{metric.replace('_', ' ')} of requests.")
         for cname, c in sorted(clusters.items()):
-            base = istio_base(cname, c)
             for key, cls in sorted(c.get("classes", {}).items()):
-                code, _, flags = key.partition("|")
-                lab = [*base, ("request_protocol", "http"), ("response_code", code),
-                       ("response_flags", flags or "-")]
+                lab = request_labels(cname, c, key, True)
                 h = cls[field]
                 acc = 0
                 for bound, n in zip((*bounds, float("inf")), h["counts"], strict=True):
@@ -269,7 +288,9 @@ def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra:
         family(metric, "counter", help_)
         for cname, c in sorted(clusters.items()):
             if c.get("tcp_opened"):
-                lab = [*istio_base(cname, c), ("request_protocol", "tcp"), ("response_flags", "-"),
+                head, tail = istio_base(cname, c)
+                lab = [*head, ("source_principal", "unknown"), *tail[:6], ("destination_principal", "unknown"),
+                       *tail[6:], ("request_protocol", "tcp"), ("response_flags", "-"),
                        ("connection_security_policy", "none")]
                 lines.append(f"{metric}{_labels(lab)} {c.get(field, 0)}")
 
@@ -311,9 +332,20 @@ def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra:
             kind, _, policy = key.partition("|")
             if kind == outcome:
                 lines.append(f"pillion_rbac_{outcome}_total{_labels([('policy', policy or 'none')])} {n}")
+    # [accesslog] access log records dropped because a worker's queue was full
+    family("pillion_access_log_dropped_total", "counter", "Access log records dropped (queue full).")
+    lines.append(f"pillion_access_log_dropped_total {merged.get('access_log_dropped', 0)}")
     family("pillion_tls_handshake_failures_total", "counter", "TLS connections refused or failed, by reason.")
     for reason, n in sorted(merged.get("tls_failures", {}).items()):
         lines.append(f"pillion_tls_handshake_failures_total{_labels([('reason', reason)])} {n}")
+    # [tracing] spans the exporter could not deliver (queue full, collector down or slow)
+    spans: Mapping[str, int] = merged.get("spans", {})
+    family("pillion_spans_dropped_total", "counter", "Spans dropped, by reason.")
+    for reason in ("queue_full", "export"):
+        lines.append(f"pillion_spans_dropped_total{_labels([('reason', reason)])} {spans.get('dropped_' + reason, 0)}")
+    family("pillion_spans_exported_total", "counter", "Spans accepted by the collector.")
+    lines.append(f"pillion_spans_exported_total {spans.get('exported', 0)}")
+    # [tracing] end
     for name, value in sorted((extra or {}).items()):
         family(name, "gauge", name.replace("_", " ") + ".")
         lines.append(f"{name} {_fmt(value)}")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from proxy import tracing  # [tracing]
+from proxy.accesslog import HTTP as HTTP_RECORD  # [accesslog]
 from proxy.cluster import ClusterRuntime
 from proxy.context import Context
 from proxy.errors import (
@@ -31,6 +33,7 @@ from proxy.errors import (
     RequestTimeoutError,
     UpstreamResetError,
 )
+from proxy.model import AccessLog, TlsClient  # [accesslog]
 from proxy.policy import authorize_request
 from proxy.router import find_virtual_host, match_route, pick_cluster
 from proxy.tls import Peer
@@ -51,6 +54,7 @@ _RESP_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
     b"trailer", b"content-length",
 })
+_REQ_TRACED = _REQ_SPECIAL | tracing.tc.REWRITTEN  # [tracing] the upstream gets our context instead
 _KNOWN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 _STATUS_LINES = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 
@@ -65,12 +69,28 @@ def _request_id(bits: int) -> bytes:
     return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 
 
+# [accesslog]
+def _upstream_identity(tls: TlsClient | None) -> tuple[bool, str]:
+    """(mTLS, the server's expected SPIFFE id or "") of an upstream dialled with ``tls``."""
+    if tls is None or not (tls.cert_secret or tls.cert_file):
+        return False, ""
+    for san in tls.peer_sans:
+        if san.kind == "URI" and not san.prefix:
+            return True, san.value
+    return True, ""
+# [accesslog] end
+
+
 class Stream:
     __slots__ = (
         "buffered", "close_after", "cluster", "conn", "connect_task", "ctx", "done", "expect_continue",
         "flags", "hdrs", "host", "http10", "keep_alive", "method", "mode", "out", "path", "raw_headers",
         "req_bytes", "req_chunked", "req_complete", "resp_bytes", "resp_eof_delimited", "response_started",
-        "sent_any", "status", "t0", "timeout", "timer", "upgrade", "upgrade_rest", "upstream", "url",
+        "sent_any",
+        "span",  # [tracing]
+        "status", "t0", "timeout", "timer", "upgrade", "upgrade_rest", "upstream",
+        "upstream_host", "upstream_tls",  # [accesslog]
+        "url",
     )
 
     def __init__(self, conn: HttpConnection, ctx: Context) -> None:
@@ -101,6 +121,9 @@ class Stream:
         self.timeout = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.t0 = 0.0  # loop time when routing began
+        self.span: tracing.ActiveSpan | None = None  # [tracing] set when sampled
+        self.upstream_host: str | None = None  # [accesslog] the endpoint picked ("ip:port")
+        self.upstream_tls: TlsClient | None = None  # [accesslog] how it is dialled (Istio metric labels)
         # response
         self.response_started = False
         self.status = 0
@@ -121,6 +144,8 @@ class Stream:
         self.path = url
         hdrs = self.hdrs
         parts = [self.method, b" ", url, b" HTTP/1.1\r\n"]
+        traced = self.conn.listener.http.tracing  # type: ignore[union-attr]  # [tracing]
+        special = _REQ_SPECIAL if traced is None else _REQ_TRACED  # [tracing]
         for name, value in self.raw_headers:
             lname = name.lower()
             prev = hdrs.get(lname)
@@ -130,7 +155,7 @@ class Stream:
                 if lname == b"host":
                     raise DownstreamProtocolError()  # RFC 9112 section 3.2: exactly one Host
                 hdrs[lname] = prev + b"," + value
-            if lname not in _REQ_SPECIAL:
+            if lname not in special:
                 parts += (name, b": ", value, b"\r\n")
         host = hdrs.get(b"host")
         if host is None:
@@ -151,7 +176,7 @@ class Stream:
                 parts = parts[:4]
                 for name, value in self.raw_headers:
                     lname = name.lower()
-                    if lname not in _REQ_SPECIAL and lname not in extra:
+                    if lname not in special and lname not in extra:
                         parts += (name, b": ", value, b"\r\n")
         te = hdrs.get(b"transfer-encoding")
         if te is not None:
@@ -182,6 +207,8 @@ class Stream:
             rid = _request_id(self.ctx.getrandbits(128))
             hdrs[b"x-request-id"] = rid
             parts += (b"x-request-id: ", rid, b"\r\n")
+        if traced is not None:  # [tracing] our span is the upstream's parent; unsampled ones propagate too
+            parts += tracing.begin(self, traced)
         parts.append(b"\r\n")
         self.out.append(b"".join(parts))
 
@@ -242,6 +269,8 @@ class Stream:
         ep = rt.pick_original(getattr(self.conn, "original_dst", None)) if rt.spec.original_dst else rt.lb.pick()
         if ep is None:
             raise NoHealthyUpstreamError()
+        self.upstream_host = ep.address  # [accesslog]
+        self.upstream_tls = ep.tls if ep.tls is not None else rt.spec.original_dst_tls  # [accesslog]
         self.timeout = route.timeout
         if self.req_complete:
             self._arm_timer()
@@ -453,11 +482,35 @@ class Stream:
             t.cancel()
 
     def _record(self, code: int, flags: str) -> None:
+        span = self.span  # [tracing]
+        if span is not None:
+            tracing.end(self, span, code, flags)
         rt = self.cluster
         if rt is not None:
             rt.stats.rq_active -= 1
+            # [accesslog] Istio labels: the request class carries mTLS and the peer identity
+            peer = self.conn.peer
+            if peer is not None:
+                mtls, ident = True, peer.spiffe_id
+            else:
+                mtls, ident = _upstream_identity(self.upstream_tls)
             rt.stats.record_request(code, flags, (self.ctx.loop.time() - self.t0) * 1000.0,
-                                    self.req_bytes, self.resp_bytes)
+                                    self.req_bytes, self.resp_bytes, mtls, ident)
+        # [accesslog] one queued tuple per request when the listener logs; formatted in the background
+        http = self.conn.listener.http
+        if http is not None and http.access_log is not None:
+            self._access_log(http.access_log, code, flags)
+        # [accesslog] end
+
+    def _access_log(self, spec: AccessLog, code: int, flags: str) -> None:  # [accesslog]
+        conn = self.conn
+        rt = self.cluster
+        now = self.ctx.loop.time()
+        self.ctx.access_log.push((
+            spec, HTTP_RECORD, self.t0 or now, now, self.method, self.path, self.http10, code, flags,
+            self.req_bytes, self.resp_bytes, self.hdrs, conn.client_ip, conn.peer, self.upstream_host,
+            rt.spec.name if rt is not None else None,
+        ))
 
     def _finish(self, reusable: bool) -> None:
         self._stop()
@@ -482,6 +535,11 @@ class Stream:
         else:
             self.ctx.stats.cluster("BlackHoleCluster", "BlackHoleCluster").record_request(
                 err.status, err.flag, 0.0, self.req_bytes, body_len)
+            if self.span is not None:  # [tracing] no route: the span ends here
+                tracing.end(self, self.span, err.status, err.flag)
+            http = self.conn.listener.http  # [accesslog] no cluster: only the access log line
+            if http is not None and http.access_log is not None:
+                self._access_log(http.access_log, err.status, err.flag)
 
     def discard_request(self) -> None:
         """A parse error hit this request: none of its bytes may reach the upstream."""

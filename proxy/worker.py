@@ -65,6 +65,8 @@ class Worker:
     def export_stats(self) -> dict[str, Any]:
         out = self.ctx.stats.export()
         out["tls_failures"] = dict(self.ctx.tls.handshake_failures)
+        out["access_log_dropped"] = self.ctx.access_log.dropped  # [accesslog]
+        out["spans"] = self.ctx.tracer.stats()  # [tracing]
         return out
 
     def drain_listeners(self) -> None:
@@ -84,6 +86,8 @@ class Worker:
             conn.abort()
         ctx.clusters.close()
         ctx.jwks.close()
+        await ctx.access_log.aclose()  # [accesslog] write what is queued
+        await asyncio.to_thread(ctx.tracer.close)  # [tracing] a last flush, bounded by the export timeout
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

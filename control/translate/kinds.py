@@ -44,6 +44,7 @@ from control.translate.model import (
 )
 from control.translate.schema import child, port_key
 from control.translate.specs import UNENFORCED_KINDS
+from control.translate.tracing import mesh_tracing  # [tracing]
 
 if TYPE_CHECKING:
     from control.translate.istio import Build, Entry, Session
@@ -134,11 +135,19 @@ def _mesh_config(entry: Entry, b: Build) -> MeshConfig:
         validate_trust_domain(trust_domain)
     except ValueError as exc:  # certs' InvalidSpiffeId
         b("spec.trustDomain", str(exc))
+    # [accesslog] Pillion formats access logs itself: only the default formats for now.
+    if spec.get("accessLogFormat"):
+        b("spec.accessLogFormat", "custom access log formats are not supported yet; "
+          "leave it empty for the default TEXT line or set accessLogEncoding: JSON")
+    # [accesslog] end
     return MeshConfig(
         trust_domain=trust_domain,
         root_namespace=spec.get("rootNamespace", "istio-system"),
         outbound_mode=spec.get("outboundTrafficPolicy", {}).get("mode", "ALLOW_ANY"),
         enable_auto_mtls=spec.get("enableAutoMtls", True),
+        access_log_file=spec.get("accessLogFile", ""),  # [accesslog]
+        access_log_encoding=spec.get("accessLogEncoding", "TEXT"),  # [accesslog]
+        tracing=mesh_tracing(spec, b),  # [tracing]
         meta=entry.meta() if entry.label != "MeshConfig" else None,
     )
 

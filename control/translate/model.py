@@ -87,12 +87,27 @@ class Meta:
         return f"{self.kind} {self.namespace}/{self.name}"
 
 
+# [tracing] MeshConfig defaultProviders.tracing -> extensionProviders[].opentelemetry
+@dataclass(frozen=True, slots=True)
+class MeshTracing:
+    provider: str  # the extension provider's name
+    service: str  # the collector's host (a ServiceEntry host)
+    port: int
+    sampling: float = 1.0  # defaultConfig.tracing.sampling, percent (Istio's default: 1)
+# [tracing] end
+
+
 @dataclass(frozen=True, slots=True)
 class MeshConfig:
     trust_domain: str = "cluster.local"
     root_namespace: str = "istio-system"
     outbound_mode: str = "ALLOW_ANY"
     enable_auto_mtls: bool = True
+    # [accesslog] accessLogFile ("" = off, Istio's default; a path or /dev/stdout), accessLogEncoding
+    access_log_file: str = ""
+    access_log_encoding: str = "TEXT"
+    # [accesslog] end
+    tracing: MeshTracing | None = None  # [tracing] None: no tracing provider selected
     meta: Meta | None = None
 
 

@@ -18,6 +18,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
+from control.translate.accesslog import add_access_logs  # [accesslog]
 from control.translate.capture import build_capture
 from control.translate.clusters import build_clusters
 from control.translate.errors import ConfigError, Problem
@@ -25,6 +26,7 @@ from control.translate.listeners import build_listeners
 from control.translate.model import ConfigSet, NodeInfo
 from control.translate.routes import build_routes
 from control.translate.scope import Scope
+from control.translate.tracing import add_tracing, collector_reference  # [tracing]
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,18 @@ def translate(config: ConfigSet, node: NodeInfo) -> Resources:
     """
     problems: list[Problem] = []
     scope = Scope.of(config, node, problems)
+    traced = collector_reference(scope, problems)  # [tracing] the collector's cluster
     if node.intercept:
         captured = build_capture(scope, problems)
         listeners, routes = captured.listeners, captured.routes
-        clusters, endpoints = build_clusters(scope, captured.referenced)
+        clusters, endpoints = build_clusters(scope, captured.referenced | traced)  # [tracing] | traced
         clusters += captured.clusters
     else:
         listeners, tcp_targets = build_listeners(scope, problems)
         routes, route_targets = build_routes(scope, problems)
-        clusters, endpoints = build_clusters(scope, tcp_targets | route_targets)
+        clusters, endpoints = build_clusters(scope, tcp_targets | route_targets | traced)  # [tracing] | traced
+    add_access_logs(listeners, config.mesh)  # [accesslog] MeshConfig accessLogFile
+    add_tracing(listeners, config.mesh, node)  # [tracing] MeshConfig defaultProviders.tracing
     if problems:
         raise ConfigError(problems)
     return Resources(

@@ -436,21 +436,49 @@ TELEMETRY = Obj(
 
 # --- mesh-wide settings -------------------------------------------------------
 
+# [tracing] MeshConfig tracing
+TRACING_UNSUPPORTED = ("zipkin", "lightstep", "datadog", "stackdriver", "openCensusAgent", "custom_tags",
+                       "max_path_tag_length", "tlsSettings")
+PROXY_CONFIG_UNSUPPORTED = ("concurrency", "proxyMetadata", "holdApplicationUntilProxyStarts", "drainDuration",
+                            "terminationDrainDuration", "discoveryAddress", "proxyStatsMatcher", "image")
+EXTENSION_PROVIDER = Obj(
+    {
+        "name": STR,
+        "opentelemetry": Obj(
+            {"service": STR, "port": PORT},
+            required=("service", "port"),
+            unsupported=("maxTagLength", "http", "grpc", "resourceDetectors", "dynatraceSampler"),
+        ),
+    },
+    required=("name",),
+    unsupported=("zipkin", "lightstep", "datadog", "stackdriver", "skywalking", "prometheus",
+                 "envoyFileAccessLog", "envoyOtelAls", "envoyHttpAls", "envoyTcpAls",
+                 "envoyExtAuthzHttp", "envoyExtAuthzGrpc", "sds"),
+)
+# [tracing] end
+
 MESH_CONFIG = Obj(
     {
         "trustDomain": STR,
         "rootNamespace": STR,
         "outboundTrafficPolicy": Obj({"mode": Enum(("REGISTRY_ONLY", "ALLOW_ANY"))}),
         "enableAutoMtls": BOOL,
+        # [accesslog]
+        "accessLogFile": STR,
+        "accessLogEncoding": Enum(("TEXT", "JSON")),
+        "accessLogFormat": STR,
+        # [accesslog] end
+        # [tracing] Istio's shape: an opentelemetry extension provider named by defaultProviders.tracing
+        "enableTracing": BOOL,
+        "defaultConfig": Obj(
+            {"tracing": Obj({"sampling": PERCENT}, unsupported=TRACING_UNSUPPORTED)},
+            unsupported=PROXY_CONFIG_UNSUPPORTED,
+        ),
+        "extensionProviders": ListOf(EXTENSION_PROVIDER),
+        "defaultProviders": Obj({"tracing": STRS}, unsupported=("metrics", "accessLogging")),
+        # [tracing] end
     },
     unsupported=(
-        "defaultConfig",
-        "enableTracing",
-        "accessLogFile",
-        "accessLogFormat",
-        "accessLogEncoding",
-        "defaultProviders",
-        "extensionProviders",
         "trustDomainAliases",
         "caCertificates",
     ),

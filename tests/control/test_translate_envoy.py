@@ -91,10 +91,20 @@ def test_bootstrap_inlines_routes_and_endpoints() -> None:
 
 
 @pytest.mark.skipif(not ENVOY.exists(), reason=f"no Envoy binary at {ENVOY}")
-@pytest.mark.parametrize("case", ["reviews", "weighted"])
+@pytest.mark.parametrize("case", ["reviews", "weighted", "access-log-json", "access-log-text",
+                                  "tracing"])  # [tracing]
 def test_envoy_validates_the_translated_config(tmp_path: Path, case: str) -> None:
     if case == "reviews":
         resources = translate(load_text(TEXT), NODE)
+    elif case == "tracing":  # [tracing] HCM tracing: OpenTelemetry provider to the collector's cluster
+        from tests.control.test_otlp_receiver import TRACING
+
+        resources = translate(load_text(TEXT + TRACING), NODE)
+    elif case.startswith("access-log"):  # [accesslog] HCM and tcp_proxy access_log (MeshConfig accessLogFile)
+        encoding = "JSON" if case.endswith("json") else "TEXT"
+        mesh = f"---\nkind: MeshConfig\nspec: {{accessLogFile: /dev/stdout, accessLogEncoding: {encoding}}}\n"
+        resources = translate(load_text(TEXT + mesh), NODE)
+        assert any("access_loggers.file" in str(item) for item in resources.listeners)
     else:
         sidecar = (
             "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: all}\n"

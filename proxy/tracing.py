@@ -1,0 +1,186 @@
+"""Spans for HTTP requests: started and queued on the hot path, exported off it.
+
+On the path (``begin`` from ``Stream.prepare``, ``end`` from ``Stream._record``)
+a request only reads its incoming trace context, makes a span id, writes the
+upstream's ``traceparent`` (and B3 headers if it came with B3) and, if
+sampled, appends one small tuple to a bounded deque. Nothing is formatted
+and no protobuf is touched there.
+
+A background thread (one per worker, started on the first snapshot that
+traces) wakes every ``flush_interval`` seconds, drains the deque in batches
+and sends them over OTLP/gRPC (``proxy.tracing_export``, imported by the
+thread only, so the data plane never loads protobuf or gRPC). A full deque,
+or a collector that is down or slow, costs dropped spans, counted in
+``dropped_queue_full`` and ``dropped_export``, never request latency: the
+loop thread never waits for the exporter.
+
+Thread safety: the loop thread only appends to the deque (``deque.append`` is
+atomic); the exporter thread only pops from it. Each counter has one writer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from proxy import tracecontext as tc
+from proxy.model import Listener, Snapshot, TraceSettings
+
+if TYPE_CHECKING:
+    from proxy.stream import Stream
+
+log = logging.getLogger("pillion.tracing")
+
+QUEUE_LIMIT = 2048
+BATCH_SIZE = 512
+
+# One finished span, as queued (positional, to stay a plain tuple):
+# (settings, trace_id, span_id, parent_id, start_ns, end_ns, method, host, path, status, flags,
+#  upstream_cluster, peer_address, peer_spiffe_id, workload, namespace)
+SpanRecord = tuple[Any, ...]
+
+
+class ActiveSpan:
+    """A sampled request's span while it is in flight."""
+
+    __slots__ = ("parent_id", "settings", "span_id", "start_ns", "trace_id")
+
+    def __init__(self, settings: TraceSettings, trace_id: bytes, span_id: bytes, parent_id: bytes,
+                 start_ns: int) -> None:
+        self.settings = settings
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.start_ns = start_ns
+
+
+def begin(st: Stream, settings: TraceSettings) -> list[bytes]:
+    """Read the request's context, make our span, and return the header lines for the upstream.
+
+    Sets ``st.span`` only when the request is sampled; an unsampled one still propagates."""
+    ctx = st.ctx
+    incoming = tc.extract(st.hdrs)
+    span_id = tc.new_span_id(ctx.getrandbits)
+    if incoming is None:
+        trace_id, parent_id, style = tc.new_trace_id(ctx.getrandbits), b"", tc.STYLE_NONE
+        sampled = tc.sample(None, settings.sample_percent, ctx.random())
+    else:
+        trace_id, parent_id, style = incoming.trace_id, incoming.span_id, incoming.style
+        sampled = tc.sample(incoming.sampled, settings.sample_percent, ctx.random())
+    if sampled:
+        st.span = ActiveSpan(settings, trace_id, span_id, parent_id, time.time_ns())
+    lines = [b"traceparent: " + tc.format_traceparent(trace_id, span_id, sampled) + b"\r\n"]
+    if style == tc.STYLE_B3_MULTI or style == tc.STYLE_B3_SINGLE:
+        lines += tc.b3_headers(trace_id, span_id, parent_id, sampled, style)
+    return lines
+
+
+def end(st: Stream, span: ActiveSpan, status: int, flags: str) -> None:
+    """Queue the finished span (called once, from the stream's ending)."""
+    st.span = None
+    ctx = st.ctx
+    conn = st.conn
+    peer = conn.peer
+    rt = st.cluster
+    node = ctx.node
+    ctx.tracer.offer((
+        span.settings, span.trace_id, span.span_id, span.parent_id, span.start_ns, time.time_ns(),
+        st.method, st.host, st.path, status, flags, rt.spec.name if rt is not None else "",
+        conn.client_ip, peer.spiffe_id if peer is not None else "",
+        node.get("workload", ""), node.get("namespace", ""),
+    ))
+
+
+class Tracer:
+    """One worker's span queue and exporter thread."""
+
+    def __init__(self, *, limit: int = QUEUE_LIMIT, flush_interval: float = 0.2, timeout: float = 2.0) -> None:
+        self.queue: deque[SpanRecord] = deque()
+        self.limit = limit
+        self.flush_interval = flush_interval
+        self.timeout = timeout  # per export call
+        self.target = ""  # "host:port" of the collector; "" = none known (spans are dropped)
+        self.dropped_queue_full = 0  # written by the loop thread only
+        self.dropped_export = 0  # written by the exporter thread only
+        self.exported = 0  # written by the exporter thread only
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ loop thread
+    def offer(self, record: SpanRecord) -> None:
+        q = self.queue
+        if len(q) >= self.limit:
+            self.dropped_queue_full += 1
+            return
+        q.append(record)
+
+    def update(self, snapshot: Snapshot) -> None:
+        """On swap: find the collector (the first traced listener's cluster) and start exporting."""
+        settings = next(_traced(snapshot.listeners), None)
+        if settings is None:
+            return
+        cluster = snapshot.clusters.get(settings.collector_cluster)
+        eps = cluster.endpoints if cluster is not None else ()
+        self.target = eps[0].address if eps else ""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pillion-span-export", daemon=True)
+            self._thread.start()
+
+    def stats(self) -> dict[str, int]:
+        return {"dropped_queue_full": self.dropped_queue_full, "dropped_export": self.dropped_export,
+                "exported": self.exported}
+
+    def close(self) -> None:
+        """Stop the exporter after one last flush (bounded by the export timeout)."""
+        t = self._thread
+        if t is not None:
+            self._thread = None
+            self._stop.set()
+            t.join(self.timeout + 1.0)
+
+    # ------------------------------------------------------------------ exporter thread
+    def _run(self) -> None:
+        export = importlib.import_module("proxy.tracing_export")  # protobuf and gRPC: this thread only
+        sender = export.Sender(self.timeout)
+        try:
+            while True:
+                stopping = self._stop.wait(self.flush_interval)
+                self._flush(sender)
+                if stopping:
+                    return
+        finally:
+            sender.close()
+
+    def _flush(self, sender: Any) -> None:
+        q = self.queue
+        while q:
+            batch: list[SpanRecord] = []
+            while q and len(batch) < BATCH_SIZE:
+                batch.append(q.popleft())
+            target = self.target
+            if not target:
+                self.dropped_export += len(batch)
+                continue
+            try:
+                sender.send(target, batch)
+                self.exported += len(batch)
+            except Exception as exc:  # a down or slow collector: drop and count
+                self.dropped_export += len(batch)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("span export to %s failed: %s", target, exc)
+
+
+def _traced(listeners: Iterable[Listener]) -> Iterator[TraceSettings]:
+    for ls in listeners:
+        if ls.http is not None and ls.http.tracing is not None:
+            yield ls.http.tracing
+        cap = ls.capture
+        if cap is not None:
+            yield from _traced(cap.by_port.values())
+            if cap.default is not None:
+                yield from _traced((cap.default,))

@@ -1,0 +1,163 @@
+"""Trace context propagation (W3C, B3), sampling, the span queue, and the HCM `tracing` compile."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from envoy.config.core.v3 import grpc_service_pb2
+from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2
+
+from proxy import model
+from proxy import tracecontext as tc
+from proxy.compile_tracing import with_tracing
+from proxy.errors import InvalidResource
+from proxy.tracing import Tracer
+from proxy.tracing_export import to_request
+
+TRACE = b"4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN = b"00f067aa0ba902b7"
+
+
+def test_traceparent_round_trip() -> None:
+    for sampled in (True, False):
+        value = tc.format_traceparent(TRACE, SPAN, sampled)
+        got = tc.parse_traceparent(value)
+        assert got is not None
+        assert (got.trace_id, got.span_id, got.sampled, got.style) == (TRACE, SPAN, sampled, tc.STYLE_W3C)
+
+
+@pytest.mark.parametrize("bad", [
+    b"", b"garbage", b"00-" + TRACE + b"-" + SPAN, b"00-" + TRACE + b"-" + SPAN + b"-01-extra",
+    b"ff-" + TRACE + b"-" + SPAN + b"-01", b"00-" + b"0" * 32 + b"-" + SPAN + b"-01",
+    b"00-" + TRACE + b"-" + b"0" * 16 + b"-01", b"00-" + TRACE.upper() + b"-" + SPAN + b"-01",
+    b"00-" + TRACE + b"-" + SPAN + b"-zz", b"0x-" + TRACE + b"-" + SPAN + b"-01",
+])
+def test_malformed_traceparent_is_ignored(bad: bytes) -> None:
+    assert tc.parse_traceparent(bad) is None
+    assert tc.extract({b"traceparent": bad}) is None
+
+
+def test_future_traceparent_version_may_append_fields() -> None:
+    got = tc.parse_traceparent(b"01-" + TRACE + b"-" + SPAN + b"-01-what-ever")
+    assert got is not None and got.sampled
+
+
+def test_b3_multi_round_trip_and_64_bit_ids() -> None:
+    lines = tc.b3_headers(TRACE, SPAN, b"1111111111111111", True, tc.STYLE_B3_MULTI)
+    hdrs = dict(line.rstrip(b"\r\n").split(b": ", 1) for line in lines)
+    got = tc.parse_b3_multi(hdrs)
+    assert got is not None and (got.trace_id, got.span_id, got.sampled) == (TRACE, SPAN, True)
+    assert hdrs[b"x-b3-parentspanid"] == b"1111111111111111"
+    short = tc.parse_b3_multi({b"x-b3-traceid": b"A3CE929D0E0E4736", b"x-b3-spanid": SPAN})
+    assert short is not None and short.trace_id == b"0" * 16 + b"a3ce929d0e0e4736" and short.sampled is None
+    debug = tc.parse_b3_multi({b"x-b3-traceid": TRACE, b"x-b3-spanid": SPAN, b"x-b3-flags": b"1",
+                               b"x-b3-sampled": b"0"})
+    assert debug is not None and debug.sampled is True
+    assert tc.parse_b3_multi({b"x-b3-traceid": b"xyz", b"x-b3-spanid": SPAN}) is None
+    assert tc.parse_b3_multi({b"x-b3-traceid": TRACE}) is None
+
+
+def test_b3_single_round_trip() -> None:
+    (line,) = tc.b3_headers(TRACE, SPAN, b"", False, tc.STYLE_B3_SINGLE)
+    assert line == b"b3: " + TRACE + b"-" + SPAN + b"-0\r\n"
+    got = tc.parse_b3_single(line[4:-2])
+    assert got is not None and (got.trace_id, got.span_id, got.sampled) == (TRACE, SPAN, False)
+    assert tc.parse_b3_single(TRACE + b"-" + SPAN) is not None
+    for bad in (b"1", b"0", b"d", TRACE + b"-" + SPAN + b"-x", TRACE + b"-" + SPAN + b"-1-nothex",
+                TRACE + b"-short", b"a-b-c-d-e"):
+        assert tc.parse_b3_single(bad) is None
+
+
+def test_extract_prefers_traceparent_then_b3() -> None:
+    other = b"0af7651916cd43dd8448eb211c80319c"
+    hdrs = {b"traceparent": tc.format_traceparent(TRACE, SPAN, True), b"b3": other + b"-" + SPAN + b"-1"}
+    got = tc.extract(hdrs)
+    assert got is not None and got.trace_id == TRACE
+    hdrs[b"traceparent"] = b"broken"
+    got = tc.extract(hdrs)
+    assert got is not None and got.trace_id == other and got.style == tc.STYLE_B3_SINGLE
+
+
+def test_ids_and_sampling() -> None:
+    rng = random.Random(7)
+    tid, sid = tc.new_trace_id(rng.getrandbits), tc.new_span_id(rng.getrandbits)
+    assert len(tid) == 32 and len(sid) == 16 and tid != b"0" * 32
+    assert tc.new_span_id(lambda _bits: 0) == b"0000000000000001"
+    assert tc.sample(True, 0.0, 0.99) and not tc.sample(False, 100.0, 0.0)
+    assert tc.sample(None, 1.0, 0.005) and not tc.sample(None, 1.0, 0.02)
+    assert not tc.sample(None, 0.0, 0.0) and tc.sample(None, 100.0, 0.9999)
+
+
+SETTINGS = model.TraceSettings(100.0, "outbound|4317||collector", "reviews.default", True)
+
+
+def _record(i: int) -> tuple[object, ...]:
+    return (SETTINGS, TRACE, b"%016x" % (i + 1), SPAN, 1_000, 2_000_000, b"GET", b"reviews", b"/r?q=1", 503, "UF",
+            "outbound|9080||reviews", b"10.0.0.1", "spiffe://cluster.local/ns/default/sa/p", "reviews-v1", "default")
+
+
+def test_the_queue_is_bounded_and_counts_drops() -> None:
+    tracer = Tracer(limit=3)
+    for i in range(5):
+        tracer.offer(_record(i))
+    assert len(tracer.queue) == 3 and tracer.stats()["dropped_queue_full"] == 2
+
+
+def test_records_become_otlp_spans() -> None:
+    req = to_request([_record(0)])
+    (rs,) = req.resource_spans
+    assert rs.resource.attributes[0].value.string_value == "reviews.default"
+    (span,) = rs.scope_spans[0].spans
+    assert span.trace_id.hex() == TRACE.decode() and span.parent_span_id.hex() == SPAN.decode()
+    assert span.name == "reviews/r" and span.kind == span.SPAN_KIND_SERVER
+    assert span.status.code == span.status.STATUS_CODE_ERROR  # 5xx
+    attrs = {kv.key: kv.value for kv in span.attributes}
+    assert attrs["url.path"].string_value == "/r" and attrs["http.response.status_code"].int_value == 503
+    assert attrs["response_flags"].string_value == "UF"
+    assert attrs["peer.spiffe_id"].string_value == "spiffe://cluster.local/ns/default/sa/p"
+
+
+class _Ctx:
+    def fail(self, path: str, message: str) -> InvalidResource:
+        return InvalidResource("Listener", "l", path, message)
+
+
+def _hcm(sampling: float | None = 25.0, cluster: str = "outbound|4317||collector") -> hcm_pb2.HttpConnectionManager:
+    cfg = opentelemetry_pb2.OpenTelemetryConfig(
+        grpc_service=grpc_service_pb2.GrpcService(envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster)),
+        service_name="reviews.default")
+    packed = any_pb2.Any()
+    packed.Pack(cfg)
+    tr = hcm_pb2.HttpConnectionManager.Tracing(
+        provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=packed))
+    if sampling is not None:
+        tr.random_sampling.CopyFrom(percent_pb2.Percent(value=sampling))
+    return hcm_pb2.HttpConnectionManager(tracing=tr)
+
+
+def test_compile_hcm_tracing() -> None:
+    http = model.HttpSettings("p", "r")
+    assert with_tracing(_Ctx(), hcm_pb2.HttpConnectionManager(), http, model.Direction.INBOUND, "x") is http
+    got = with_tracing(_Ctx(), _hcm(), http, model.Direction.OUTBOUND, "x").tracing
+    assert got == model.TraceSettings(25.0, "outbound|4317||collector", "reviews.default", False)
+    got = with_tracing(_Ctx(), _hcm(None), http, model.Direction.INBOUND, "x").tracing
+    assert got is not None and got.sample_percent == 100.0 and got.server
+
+
+def test_compile_refuses_what_it_does_not_implement() -> None:
+    m = _hcm()
+    m.tracing.client_sampling.value = 10
+    with pytest.raises(InvalidResource, match="client_sampling"):
+        with_tracing(_Ctx(), m, model.HttpSettings("p", "r"), model.Direction.INBOUND, "x")
+    m = _hcm()
+    m.tracing.provider.typed_config.type_url = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
+    with pytest.raises(InvalidResource, match="OpenTelemetryConfig"):
+        with_tracing(_Ctx(), m, model.HttpSettings("p", "r"), model.Direction.INBOUND, "x")
+    with pytest.raises(InvalidResource, match="cluster_name"):
+        with_tracing(_Ctx(), _hcm(cluster=""), model.HttpSettings("p", "r"), model.Direction.INBOUND, "x")
