@@ -152,7 +152,7 @@ def http_fields(rec: tuple[Any, ...], wall_now: float, loop_now: float) -> dict[
         "user_agent": _s(hdrs.get(b"user-agent")),
         "request_id": _s(hdrs.get(b"x-request-id")),
         "authority": _s(hdrs.get(b"host")),
-        "upstream_host": upstream,
+        "upstream_host": upstream.address if upstream is not None and not isinstance(upstream, str) else upstream,
         "upstream_cluster": cluster,
         "downstream_remote_address": _s(client_ip) or None,
         "downstream_peer_uri_san": peer_uri,

@@ -33,7 +33,7 @@ from proxy.errors import (
     RequestTimeoutError,
     UpstreamResetError,
 )
-from proxy.model import AccessLog, TlsClient  # [accesslog]
+from proxy.model import AccessLog, Endpoint, TlsClient  # [accesslog]
 from proxy.policy import authorize_request
 from proxy.router import find_virtual_host, match_route, pick_cluster
 from proxy.tls import Peer
@@ -122,7 +122,7 @@ class Stream:
         self.timer: asyncio.TimerHandle | None = None
         self.t0 = 0.0  # loop time when routing began
         self.span: tracing.ActiveSpan | None = None  # [tracing] set when sampled
-        self.upstream_host: str | None = None  # [accesslog] the endpoint picked ("ip:port")
+        self.upstream_host: Endpoint | None = None  # [accesslog] the endpoint picked (formatted off the path)
         self.upstream_tls: TlsClient | None = None  # [accesslog] how it is dialled (Istio metric labels)
         # response
         self.response_started = False
@@ -269,7 +269,7 @@ class Stream:
         ep = rt.pick_original(getattr(self.conn, "original_dst", None)) if rt.spec.original_dst else rt.lb.pick()
         if ep is None:
             raise NoHealthyUpstreamError()
-        self.upstream_host = ep.address  # [accesslog]
+        self.upstream_host = ep  # [accesslog]
         self.upstream_tls = ep.tls if ep.tls is not None else rt.spec.original_dst_tls  # [accesslog]
         self.timeout = route.timeout
         if self.req_complete:
