@@ -40,9 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from jwt.algorithms import Algorithm, get_default_algorithms
-from jwt.api_jwk import PyJWK
-from jwt.exceptions import PyJWTError
+# PyJWT (and with it cryptography, ~18 MB) is imported on first use, not at import time:
+# a sidecar with no RequestAuthentication never loads it.
 
 ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"})
 # Algorithms Envoy's parser knows: a token naming one of the others is refused as a bad alg at once;
@@ -66,9 +65,22 @@ NO_KEY = "Jwks doesn't have key to match kid or alg from Jwt"
 NO_JWKS = "Jwks remote fetch is failed"
 BAD_SIGNATURE = "Jwt verification fails"
 
-_VERIFIERS: Mapping[str, Algorithm] = {
-    name: alg for name, alg in get_default_algorithms().items() if name in ALGORITHMS
-}
+_VERIFIER_CACHE: dict[str, Any] = {}
+
+
+def _pyjwt_error() -> type[Exception]:
+    from jwt.exceptions import PyJWTError
+
+    return PyJWTError
+
+
+def _verifiers() -> Mapping[str, Any]:
+    """PyJWT's algorithm objects for the algorithms we accept (built once, on first use)."""
+    if not _VERIFIER_CACHE:
+        from jwt.algorithms import get_default_algorithms
+
+        _VERIFIER_CACHE.update({n: a for n, a in get_default_algorithms().items() if n in ALGORITHMS})
+    return _VERIFIER_CACHE
 _KEY_ALGORITHMS: dict[tuple[Any, Any], frozenset[str]] = {
     ("RSA", None): frozenset({"RS256", "RS384", "RS512", "PS256"}),
     ("EC", "P-256"): frozenset({"ES256"}),
@@ -140,7 +152,7 @@ class KeySet:
         for index, item in enumerate(raw):
             try:
                 keys.append(_jwk(item))
-            except (JwksError, PyJWTError, ValueError, TypeError) as exc:
+            except (JwksError, _pyjwt_error(), ValueError, TypeError) as exc:
                 skipped.append(f"keys[{index}]: {exc}")
         if not keys:
             raise JwksError("no usable key: " + ("; ".join(skipped) or "the key list is empty"))
@@ -186,6 +198,8 @@ def _jwk(item: Any) -> Jwk:
     kid = item.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise JwksError("kid must be a string")
+    from jwt.api_jwk import PyJWK
+
     key = PyJWK(item, algorithm=min(algorithms)).key
     if hasattr(key, "public_key"):  # private material in a JWKS: only the public half is used
         key = key.public_key()
@@ -346,7 +360,7 @@ def verify(token: Token, provider: Provider, keys: KeySet | None, now: float) ->
     candidates = keys.candidates(token.header.get("kid"), alg) if alg in ALGORITHMS else []
     if not candidates:  # never "none", never HS*: no key is ever usable for them
         raise JwtFailure(NO_KEY)
-    verifier = _VERIFIERS[alg]
+    verifier = _verifiers()[alg]
     for key in candidates:
         if verifier.verify(token.signing_input, key.key, token.signature):
             return payload

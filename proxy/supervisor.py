@@ -21,18 +21,19 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from certs.spiffe import SpiffeId
 from proxy.admin import AdminServer
-from proxy.ca_client import CertManager
 from proxy.compile import XdsResources, compile_snapshot, dump_resources
 from proxy.model import Snapshot
 from proxy.options import ProxyOptions
 from proxy.standalone import ConfigLoadError, StandaloneSource
 from proxy.stats import merge
 from proxy.worker import Worker, recv_msg, send_msg
-from proxy.xds_client import NodeIdentity, XdsClient
+
+if TYPE_CHECKING:
+    from proxy.ca_client import CertManager
+    from proxy.xds_client import XdsClient
 
 log = logging.getLogger("pillion")
 
@@ -118,14 +119,20 @@ class Supervisor:
         self.source = StandaloneSource(opts.config_dir or ".", namespace=opts.namespace,
                                        labels=opts.labels, name=opts.workload, cert_dir=opts.cert_dir,
                                        intercept=opts.intercept)
+        # gRPC and the CA client are imported only when used: a standalone sidecar stays small.
         self.xds: XdsClient | None = None
         if opts.xds:
+            from proxy.xds_client import NodeIdentity, XdsClient
+
             identity = NodeIdentity(namespace=opts.namespace, name=opts.workload, labels=dict(opts.labels),
                                     service_account=opts.service_account, workload_group=opts.workload_group,
                                     ip=opts.instance_ip, intercept=opts.intercept)
             self.xds = XdsClient(opts.xds, identity, self._apply_xds)
         self.certs: CertManager | None = None
         if opts.ca_address:
+            from certs.spiffe import SpiffeId
+            from proxy.ca_client import CertManager
+
             spiffe = SpiffeId(opts.trust_domain, opts.namespace, opts.service_account)
             self.certs = CertManager(opts.ca_address, opts.token_file or "", spiffe, self._on_secrets,
                                      validity_seconds=int(opts.cert_validity_hours * 3600))
