@@ -25,7 +25,9 @@ COPY certs /src/certs
 # PIP_CERT_FILE: a CA bundle for a network behind a TLS-inspecting proxy (mount it with `podman build -v`).
 ARG PIP_CERT_FILE=
 RUN if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
-    && pip install /src && rm -rf /src
+    && pip install /src \
+    && pip install --no-deps --force-reinstall "$(grep -o 'opentelemetry-proto==[0-9.]*' /src/pyproject.toml)" \
+    && rm -rf /src
 
 RUN (getent group 1337 || groupadd -g 1337 pillion) && (getent passwd 1337 || useradd -u 1337 -g 1337 -M -s /usr/sbin/nologin pillion)
 USER 1337

@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e .
+	@# xds-protos ships an old copy of the OpenTelemetry protos in the same files as
+	@# opentelemetry-proto; whichever installs last wins. Put the pinned ones back on top.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --force-reinstall $$(grep -o 'opentelemetry-proto==[0-9.]*' pyproject.toml)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
