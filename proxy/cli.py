@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from proxy.options import ProxyOptions
@@ -45,7 +46,12 @@ def proxy_parser(prog: str = "pillion proxy") -> argparse.ArgumentParser:
     ap.add_argument("--status-port", type=int, default=None, help="also serve /healthz/ready here (Istio: 15021)")
     ap.add_argument("--prometheus-port", type=int, default=None, help="also serve /stats/prometheus here (Istio: 15090)")
     ap.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
-    ap.add_argument("--drain-seconds", type=float, default=5.0)
+    ap.add_argument("--drain-seconds", type=float, default=5.0,
+                    help="on SIGTERM, finish in-flight work for at most this long (default 5)")
+    ap.add_argument("--exit-on-zero-active-connections", action="store_true",
+                    default=os.environ.get("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", "").lower() == "true",
+                    help="on SIGTERM stop only inbound listeners and exit once no connection is left, so the "
+                    "app can still call out while it finishes (Istio's EXIT_ON_ZERO_ACTIVE_CONNECTIONS)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--namespace", default="default", help="this workload's namespace")
     ap.add_argument("--labels", type=_labels, default={}, help="this workload's labels: app=x,version=v1")
@@ -67,7 +73,8 @@ def run_proxy(argv: list[str]) -> int:
         ca_address=args.ca_address or (args.xds if args.token_file else None), token_file=args.token_file,
         trust_domain=args.trust_domain, cert_validity_hours=args.cert_validity_hours, admin_address=args.admin_address, admin_port=args.admin_port,
         status_port=args.status_port, prometheus_port=args.prometheus_port,
-        concurrency=max(1, args.concurrency), drain_seconds=args.drain_seconds, log_level=args.log_level,
+        concurrency=max(1, args.concurrency), drain_seconds=args.drain_seconds,
+        exit_on_zero_active_connections=args.exit_on_zero_active_connections, log_level=args.log_level,
         namespace=args.namespace, labels=args.labels, node_name=args.name,
         service_account=args.service_account, workload_group=args.workload_group,
         instance_ip=args.instance_ip, watch=not args.no_watch, intercept=args.intercept,
@@ -110,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from proxy.proxy_config import main as proxy_config_main
 
         return proxy_config_main(rest)
+    if cmd == "wait":
+        from proxy.wait import main as wait_main
+
+        return wait_main(rest)
     if cmd == "certs":
         from certs.cli import main as certs_main
 

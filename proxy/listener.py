@@ -308,9 +308,11 @@ class ListenerManager:
             if getattr(conn, "listener", None) is not None and conn.listener.name == name:  # type: ignore[attr-defined]
                 conn.drain()
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, only: Callable[[Listener], bool] | None = None) -> None:
+        """Close the listening sockets (all, or those ``only`` selects); open connections go on."""
         for bl in self.bound.values():
-            bl.server.close()
+            if only is None or only(bl.spec):
+                bl.server.close()
 
     def ports(self) -> dict[str, int]:
         return {name: bl.port for name, bl in self.bound.items()}

@@ -16,6 +16,7 @@ class ProxyOptions:
     prometheus_port: int | None = None  # Istio's 15090 /stats/prometheus, off unless asked for
     concurrency: int = 1  # worker processes; 1 runs the worker in this process
     drain_seconds: float = 5.0  # Istio's terminationDrainDuration default
+    exit_on_zero_active_connections: bool = False  # drain ends when no connection is left; outbound stays open
     log_level: str = "info"
     namespace: str = "default"
     labels: dict[str, str] = field(default_factory=dict)

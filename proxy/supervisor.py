@@ -53,8 +53,8 @@ class LocalWorker:
     async def drain_listeners(self) -> None:
         self.worker.drain_listeners()
 
-    async def drain(self, seconds: float) -> None:
-        await self.worker.drain(seconds)
+    async def drain(self, seconds: float, exit_on_zero: bool = False) -> None:
+        await self.worker.drain(seconds, exit_on_zero)
 
     def ports(self) -> dict[str, int]:
         return self.worker.listeners.ports()
@@ -98,9 +98,9 @@ class ProcessWorker:
     async def drain_listeners(self) -> None:
         await self._call("drain_listeners")
 
-    async def drain(self, seconds: float) -> None:
+    async def drain(self, seconds: float, exit_on_zero: bool = False) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await self._call("drain", seconds)
+            await self._call("drain", seconds, exit_on_zero)
         if self.proc is not None:
             try:
                 await asyncio.wait_for(self.proc.wait(), 5)
@@ -151,6 +151,8 @@ class Supervisor:
         self.ready_event = asyncio.Event()
         self.draining = False
         self.reload_attempts = asyncio.Condition()  # notified after every reload, good or bad
+        self.draining_event = asyncio.Event()  # SIGTERM/quit handled: listeners stopped accepting
+        self.stopped = asyncio.Event()  # drained and closed
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -198,8 +200,14 @@ class Supervisor:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await asyncio.gather(*(w.drain(opts.drain_seconds) for w in self.workers))
+        drains = [asyncio.ensure_future(w.drain(opts.drain_seconds, opts.exit_on_zero_active_connections))
+                  for w in self.workers]
+        local = [w.worker.drain_started.wait() for w in self.workers if isinstance(w, LocalWorker)]
+        await asyncio.gather(*local)
+        self.draining_event.set()
+        await asyncio.gather(*drains)
         self.admin.close()
+        self.stopped.set()
         log.info("stopped")
         return 0
 

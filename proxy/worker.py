@@ -29,7 +29,7 @@ from typing import Any
 
 from proxy.context import Context
 from proxy.listener import ListenerManager
-from proxy.model import Snapshot
+from proxy.model import Direction, Snapshot
 
 log = logging.getLogger("pillion.worker")
 
@@ -42,6 +42,7 @@ class Worker:
         self.listeners = ListenerManager(self.ctx, reuse_port=reuse_port)
         self._sweeper: asyncio.TimerHandle | None = None
         self.applied = False
+        self.drain_started = asyncio.Event()  # listeners have stopped accepting
 
     async def apply(self, snapshot: Snapshot) -> list[str]:
         self.ctx.swap(snapshot)
@@ -73,15 +74,25 @@ class Worker:
         """Envoy's /drain_listeners: stop accepting; open connections keep going."""
         self.listeners.stop_accepting()
 
-    async def drain(self, seconds: float) -> None:
+    async def drain(self, seconds: float, exit_on_zero: bool = False) -> None:
+        """Drain for up to ``seconds``. With ``exit_on_zero`` (Istio's EXIT_ON_ZERO_ACTIVE_CONNECTIONS)
+        only inbound listeners stop accepting: the app may still call out while it finishes, and the
+        drain ends as soon as no connection is left."""
         ctx = self.ctx
         ctx.draining = True
-        self.listeners.stop_accepting()
+        if exit_on_zero:
+            self.listeners.stop_accepting(lambda spec: spec.direction is Direction.INBOUND)
+        else:
+            self.listeners.stop_accepting()
+        self.drain_started.set()
         for conn in list(ctx.connections):
+            if exit_on_zero and _is_outbound(conn):
+                continue  # the app closes these itself when it is done
             conn.drain()
         if ctx.connections:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.drained.wait(), seconds)
+        self.listeners.stop_accepting()
         for conn in list(ctx.connections):
             conn.abort()
         ctx.clusters.close()
@@ -91,6 +102,11 @@ class Worker:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+
+
+def _is_outbound(conn: object) -> bool:
+    listener = getattr(conn, "listener", None)
+    return listener is not None and listener.direction is Direction.OUTBOUND
 
 
 # ---------------------------------------------------------------- process side (concurrency > 1)
@@ -133,7 +149,7 @@ async def _serve(fd: int, node: dict[str, str], tick: float) -> None:
             worker.drain_listeners()
             await send_msg(writer, ("ok",))
         elif kind == "drain":
-            await worker.drain(msg[1])
+            await worker.drain(msg[1], bool(msg[2]) if len(msg) > 2 else False)
             await send_msg(writer, ("drained",))
             return
 
