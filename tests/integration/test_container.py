@@ -11,23 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.helpers.net import REPO
-
-BASE = "localhost/pillion-test-base:bookworm"
-IMAGE = "localhost/pillion:test"
-CONF = """\
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-"""
+from tests.helpers.podman import IMAGE, build_image, podman_env
+from tests.helpers.podman import run as _run
 
 pytestmark = pytest.mark.skipif(
     shutil.which("podman") is None or shutil.which("debootstrap") is None or os.geteuid() != 0,
@@ -35,29 +23,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(args: list[str], env: dict[str, str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
 def test_image_builds_runs_as_1337_and_reports_healthy(tmp_path_factory):
     work = tmp_path_factory.mktemp("podman")
-    (work / "containers.conf").write_text(CONF)
-    env = dict(os.environ, CONTAINERS_CONF=str(work / "containers.conf"))
-    if _run(["podman", "image", "exists", BASE], env, check=False).returncode != 0:
-        rootfs = work / "rootfs"
-        _run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), "http://deb.debian.org/debian"], env, 900)
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imp = subprocess.run(["podman", "import", "-", BASE], stdin=tar.stdout, env=env, capture_output=True, timeout=300)
-        tar.wait()
-        assert imp.returncode == 0, imp.stderr
-    build = ["podman", "build", "--format", "docker", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE}", "-t", IMAGE]
-    ca = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
-    if ca and Path(ca).is_file():  # a network behind a TLS-inspecting proxy: hand pip its CA bundle
-        build += ["-v", f"{ca}:/etc/pillion-build-ca.crt:ro", "--build-arg", "PIP_CERT_FILE=/etc/pillion-build-ca.crt"]
-    _run([*build, str(REPO)], env, 900)
+    env = podman_env(work)
+    build_image(work, env)
 
     uid = _run(["podman", "run", "--rm", "--network", "none", "--entrypoint", "id", IMAGE, "-u"], env)
     assert uid.stdout.strip() == "1337"
