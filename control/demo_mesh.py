@@ -11,7 +11,9 @@ v2, everyone else is split 50/50 between v1 and v3.
 
 The driver sends requests as two users and shows, live, which reviews
 version answered, the identity each hop saw (from x-forwarded-client-cert),
-and the proxies' sync state; on exit every process is stopped.
+a whole trace as the sidecars exported it (OTLP spans into the control
+server's embedded receiver, shown with ``pillion traces``), and the proxies'
+sync state; on exit every process is stopped.
 """
 
 from __future__ import annotations
@@ -68,6 +70,28 @@ WORKLOADS = (
     Workload("ratings-v1", "ratings", "v1", 15),
 )
 SERVICES = ("productpage", "details", "reviews", "ratings")
+
+
+def tracing_yaml(otlp_port: int) -> str:
+    """Spans from every sidecar to the control server's embedded OTLP receiver (Jaeger in compose)."""
+    return f"""apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: otel-collector, namespace: istio-system}}
+spec:
+  hosts: [otel-collector.istio-system.svc.cluster.local]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: {otlp_port}, name: tcp-otlp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1}}]
+---
+kind: MeshConfig
+spec:
+  defaultConfig: {{tracing: {{sampling: 100}}}}
+  extensionProviders:
+  - name: otel
+    opentelemetry: {{service: otel-collector.istio-system.svc.cluster.local, port: {otlp_port}}}
+  defaultProviders: {{tracing: [otel]}}
+"""
 
 
 def mesh_yaml() -> str:
@@ -225,15 +249,17 @@ async def run_mesh_demo(duration: float, keep: bool) -> int:
     cfg, state, logs = work / "mesh", work / "ca", work / "logs"
     for d in (cfg, logs):
         d.mkdir()
+    xds, debug, otlp = _free_port(), _free_port(), _free_port()
     (cfg / "mesh.yaml").write_text(mesh_yaml())
-    xds, debug = _free_port(), _free_port()
+    (cfg / "tracing.yaml").write_text(tracing_yaml(otlp))
     procs = Procs(logs)
     py = sys.executable
     _say("== Pillion demo mesh: bookinfo as processes on loopback")
     _say(f"   config {cfg}/mesh.yaml; logs {logs}")
     try:
         await procs.start("control", py, "-m", "proxy", "control", "--config-dir", str(cfg), "--xds-port", str(xds),
-                          "--debug-port", str(debug), "--ca-state-dir", str(state), "--log-level", "warning")
+                          "--debug-port", str(debug), "--ca-state-dir", str(state), "--otlp-port", str(otlp),
+                          "--log-level", "warning")
         deadline = time.monotonic() + 60
         await _wait_ready_debug(debug, deadline, procs)
         _say(f"   control server: xDS + CA on 127.0.0.1:{xds}, status on 127.0.0.1:{debug}")
@@ -254,6 +280,20 @@ async def run_mesh_demo(duration: float, keep: bool) -> int:
             await _wait_ready(admin_ports[w.name], f"sidecar {w.name}", deadline, procs)
         _say(f"   {len(WORKLOADS)} apps, {len(WORKLOADS)} sidecars: certificates issued, config synced, ready\n")
         await _drive(duration)
+        _say("\n-- the same kind of request as the mesh traced it (pillion traces: OTLP spans from every sidecar)")
+        out = b""
+        deadline = time.monotonic() + 5  # spans are exported in batches: wait for a whole trace
+        await call_upstream(f"{WORKLOADS[0].pod_ip}:{HTTP}/productpage/productpage", {"end-user": "jason"})
+        while time.monotonic() < deadline:
+            traces = await asyncio.create_subprocess_exec(
+                py, "-m", "proxy", "traces", "--server", f"127.0.0.1:{debug}", "--limit", "1",
+                stdout=asyncio.subprocess.PIPE)
+            out, _ = await traces.communicate()
+            if out.count(b"SERVER") >= 4:  # productpage, details, reviews, ratings
+                break
+            await asyncio.sleep(0.25)  # a user-facing wait with a deadline
+        for line in out.decode().splitlines():
+            _say("   " + line)
         _say("\n-- proxy status (pillion control status)")
         status = await asyncio.create_subprocess_exec(py, "-m", "proxy", "control", "status", "--server",
                                                       f"127.0.0.1:{debug}", stdout=asyncio.subprocess.PIPE)

@@ -25,6 +25,11 @@ def test_mesh_demo_routes_canary_with_mtls_and_stops_everything():
     assert "reviews      <- spiffe://cluster.local/ns/default/sa/bookinfo-productpage" in out
     assert "ratings      <- spiffe://cluster.local/ns/default/sa/bookinfo-reviews" in out
     assert out.count("SYNCED") >= 24  # 6 proxies x 4 types
+    # A whole distributed trace from the sidecars' OTLP spans: jason's request reaches ratings via v2.
+    tree = out.split("pillion traces", 1)[1].split("-- proxy status", 1)[0]
+    for span in ("productpage.default SERVER", "details.default SERVER", "reviews.default SERVER",
+                 "ratings.default SERVER"):
+        assert span in tree, tree
     assert "stopped 13 processes, all cleanly" in out
 
 
