@@ -253,6 +253,10 @@ async def run_mesh_demo(duration: float, keep: bool) -> int:
     (cfg / "mesh.yaml").write_text(mesh_yaml())
     (cfg / "tracing.yaml").write_text(tracing_yaml(otlp))
     procs = Procs(logs)
+    stop = asyncio.Event()  # Ctrl-C or SIGTERM: finish the current request, print, stop everything
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     py = sys.executable
     _say("== Pillion demo mesh: bookinfo as processes on loopback")
     _say(f"   config {cfg}/mesh.yaml; logs {logs}")
@@ -279,7 +283,10 @@ async def run_mesh_demo(duration: float, keep: bool) -> int:
         for w in WORKLOADS:
             await _wait_ready(admin_ports[w.name], f"sidecar {w.name}", deadline, procs)
         _say(f"   {len(WORKLOADS)} apps, {len(WORKLOADS)} sidecars: certificates issued, config synced, ready\n")
-        await _drive(duration)
+        await _drive(duration, stop)
+        if stop.is_set():
+            _say("\n-- interrupted")
+            return 130
         _say("\n-- the same kind of request as the mesh traced it (pillion traces: OTLP spans from every sidecar)")
         out = b""
         deadline = time.monotonic() + 5  # spans are exported in batches: wait for a whole trace
@@ -323,7 +330,7 @@ async def _wait_ready_debug(port: int, deadline: float, procs: Procs) -> None:
     raise TimeoutError("control server not ready")
 
 
-async def _drive(duration: float) -> None:
+async def _drive(duration: float, stop: asyncio.Event) -> None:
     entry = WORKLOADS[0]  # productpage: the user calls its sidecar's (PERMISSIVE) port in plaintext
     target = f"{entry.pod_ip}:{HTTP}/productpage/productpage"
     seen: Counter[str] = Counter()
@@ -331,7 +338,7 @@ async def _drive(duration: float) -> None:
     end = time.monotonic() + max(duration, 0.0)
     n = 0
     last_print = 0.0
-    while n < 40 or time.monotonic() < end:
+    while (n < 40 or time.monotonic() < end) and not stop.is_set():
         user = "jason" if n % 4 == 0 else "alice"
         doc = await call_upstream(target, {"end-user": user})
         seen[f"{user:<6} -> reviews {_versions(doc)}"] += 1

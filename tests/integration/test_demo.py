@@ -37,3 +37,21 @@ def test_single_sidecar_tour():
     out = run("--sidecar")
     assert "end-user=jason  -> v2" in out and "HTTP 404, x-pillion-flags: NR" in out
     assert "sidecar exited with status 0" in out
+
+
+def test_ctrl_c_stops_the_demo_and_every_process():
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--duration", "60"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # read until the mesh is up, then press Ctrl-C
+        lines.append(line)
+        if "ready" in line and "sidecars" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, _ = proc.communicate(timeout=60)
+    text = "".join(lines) + out
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted" in text and "stopped 13 processes, all cleanly" in text
