@@ -23,13 +23,16 @@ MAX_ORIGINAL_DST = 256
 
 
 class ClusterRuntime:
-    __slots__ = ("dst_endpoints", "lb", "pools", "spec", "stats", "tls")
+    __slots__ = ("active", "dst_endpoints", "lb", "pools", "spec", "stats", "tls")
 
     def __init__(self, spec: Cluster, stats: ClusterStats, pools: dict[Endpoint, Pool], tls: TlsProvider) -> None:
         self.spec = spec
         self.stats = stats
         self.tls = tls
-        self.lb: LoadBalancer = make_lb(spec.lb_policy, spec.endpoints)
+        # [lb] LEAST_REQUEST: requests in flight per endpoint, kept by the streams (None: not tracked)
+        self.active: dict[Endpoint, int] | None = {} if spec.lb_policy == "LEAST_REQUEST" else None
+        self.lb: LoadBalancer = make_lb(spec.lb_policy, spec.endpoints, active=self.active,
+                                        ring_size=spec.ring_size)
         self.pools = pools
         self.dst_endpoints: dict[tuple[str, int], Endpoint] = {}
 

@@ -198,13 +198,14 @@ def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str) -> model.Route:
         raise ctx.fail(f"{path}.match", "a path specifier (prefix, path or safe_regex) is required")
     headers = tuple(_header_match(ctx, h, f"{path}.match.headers[{i}]") for i, h in enumerate(m.headers))
     a = r.route
-    _only(ctx, a, {"cluster", "weighted_clusters", "timeout"}, f"{path}.route")
+    _only(ctx, a, {"cluster", "weighted_clusters", "timeout", "hash_policy"}, f"{path}.route")
     timeout = _seconds(a.timeout) if a.HasField("timeout") else ENVOY_DEFAULT_ROUTE_TIMEOUT
+    hp = tuple(_hash_policy(ctx, h, f"{path}.route.hash_policy[{i}]") for i, h in enumerate(a.hash_policy))  # [lb]
     which = a.WhichOneof("cluster_specifier")
     if which == "cluster":
         if not a.cluster:
             raise ctx.fail(f"{path}.route.cluster", "must not be empty")
-        return model.Route(r.name, kind, value, rx, headers, a.cluster, timeout=timeout)
+        return model.Route(r.name, kind, value, rx, headers, a.cluster, timeout=timeout, hash_policy=hp)
     if which == "weighted_clusters":
         wc = a.weighted_clusters
         _only(ctx, wc, {"clusters", "total_weight"}, f"{path}.route.weighted_clusters")
@@ -216,7 +217,7 @@ def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str) -> model.Route:
         if not out:
             raise ctx.fail(f"{path}.route.weighted_clusters", "at least one cluster needs a positive weight")
         total = sum(w.weight for w in out)
-        return model.Route(r.name, kind, value, rx, headers, out[0].name, tuple(out), total, timeout)
+        return model.Route(r.name, kind, value, rx, headers, out[0].name, tuple(out), total, timeout, hp)
     raise ctx.fail(f"{path}.route", "cluster or weighted_clusters is required")
 
 
@@ -447,7 +448,7 @@ def _service_of(name: str) -> tuple[str, model.Direction]:
 def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.ClusterLoadAssignment]) -> model.Cluster:
     ctx = _Ctx("Cluster", c.name)
     _only(ctx, c, {"name", "type", "connect_timeout", "lb_policy", "eds_cluster_config", "load_assignment",
-                   "metadata", "alt_stat_name", "transport_socket", "transport_socket_matches"}, "")
+                   "least_request_lb_config", "ring_hash_lb_config", "metadata", "alt_stat_name", "transport_socket", "transport_socket_matches"}, "")
     tls: Any = None
     if c.HasField("transport_socket"):
         if c.transport_socket_matches:
@@ -466,8 +467,7 @@ def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.Cluster
         dst_tls = pick_socket(tls, {}) if isinstance(tls, list) else tls
         return model.Cluster(c.name, (), timeout, "CLUSTER_PROVIDED", service_name, direction, original_dst=True,
                              original_dst_tls=dst_tls)
-    if c.lb_policy != cluster_pb2.Cluster.ROUND_ROBIN:
-        raise ctx.fail("lb_policy", f"{cluster_pb2.Cluster.LbPolicy.Name(c.lb_policy)} is not supported yet (ROUND_ROBIN only)")
+    policy, ring_size = _lb_policy(ctx, c)  # [lb]
     timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else ENVOY_DEFAULT_CONNECT_TIMEOUT
     kind = c.type
     if kind == cluster_pb2.Cluster.STATIC:
@@ -485,7 +485,65 @@ def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.Cluster
     else:
         raise ctx.fail("type", f"{cluster_pb2.Cluster.DiscoveryType.Name(kind)} is not supported (STATIC and EDS are)")
     service_name, direction = _service_of(c.name)
-    return model.Cluster(c.name, endpoints, timeout, "ROUND_ROBIN", service_name, direction)
+    return model.Cluster(c.name, endpoints, timeout, policy, service_name, direction, ring_size=ring_size)
+
+
+# [lb] Cluster.lb_policy and its config; RouteAction.hash_policy.
+_LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH")
+ENVOY_DEFAULT_MIN_RING_SIZE = 1024
+
+
+def _lb_policy(ctx: _Ctx, c: cluster_pb2.Cluster) -> tuple[str, int]:
+    name = cluster_pb2.Cluster.LbPolicy.Name(c.lb_policy)
+    if name not in _LB_POLICIES:
+        raise ctx.fail("lb_policy", f"{name} is not supported yet (ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH are)")
+    if c.HasField("least_request_lb_config"):
+        if name != "LEAST_REQUEST":
+            raise ctx.fail("least_request_lb_config", "only used with lb_policy LEAST_REQUEST")
+        lr = c.least_request_lb_config
+        _only(ctx, lr, {"choice_count"}, "least_request_lb_config")
+        if lr.HasField("choice_count") and lr.choice_count.value != 2:
+            raise ctx.fail("least_request_lb_config.choice_count", "only 2 (the default) is supported")
+    ring_size = ENVOY_DEFAULT_MIN_RING_SIZE
+    if c.HasField("ring_hash_lb_config"):
+        if name != "RING_HASH":
+            raise ctx.fail("ring_hash_lb_config", "only used with lb_policy RING_HASH")
+        rh = c.ring_hash_lb_config
+        _only(ctx, rh, {"minimum_ring_size", "maximum_ring_size"}, "ring_hash_lb_config")
+        if rh.HasField("minimum_ring_size"):
+            ring_size = rh.minimum_ring_size.value
+        if rh.HasField("maximum_ring_size"):
+            ring_size = min(ring_size, rh.maximum_ring_size.value)
+        if ring_size < 1:
+            raise ctx.fail("ring_hash_lb_config.minimum_ring_size", "must be positive")
+    return name, ring_size
+
+
+def _hash_policy(ctx: _Ctx, h: route_components_pb2.RouteAction.HashPolicy, path: str) -> model.HashPolicy:
+    _only(ctx, h, {"header", "cookie", "connection_properties", "query_parameter"}, path)
+    which = h.WhichOneof("policy_specifier")
+    if which == "header":
+        _only(ctx, h.header, {"header_name"}, f"{path}.header")
+        if not h.header.header_name or h.header.header_name.startswith(":"):
+            raise ctx.fail(f"{path}.header.header_name", "a regular header name is required")
+        return model.HashPolicy(model.HashKind.HEADER, h.header.header_name.lower().encode())
+    if which == "cookie":
+        # ttl/path only matter when Envoy generates a missing cookie, which this proxy does not do.
+        _only(ctx, h.cookie, {"name", "ttl", "path"}, f"{path}.cookie")
+        if not h.cookie.name:
+            raise ctx.fail(f"{path}.cookie.name", "required")
+        return model.HashPolicy(model.HashKind.COOKIE, h.cookie.name.encode())
+    if which == "connection_properties":
+        if not h.connection_properties.source_ip:
+            raise ctx.fail(f"{path}.connection_properties.source_ip", "must be true")
+        return model.HashPolicy(model.HashKind.SOURCE_IP)
+    if which == "query_parameter":
+        if not h.query_parameter.name:
+            raise ctx.fail(f"{path}.query_parameter.name", "required")
+        return model.HashPolicy(model.HashKind.QUERY_PARAMETER, h.query_parameter.name.encode())
+    raise ctx.fail(path, f"{which or 'a policy'} is not supported (header, cookie, connection_properties, "
+                         "query_parameter are)")
+# [lb] end
 
 
 # ---------------------------------------------------------------- snapshot

@@ -80,6 +80,21 @@ class WeightedCluster:
     weight: int
 
 
+# [lb] RouteAction.hash_policy: where a consistent-hash key comes from (RING_HASH clusters).
+class HashKind(enum.Enum):
+    HEADER = 1  # ``name``: a lowercased request header
+    COOKIE = 2  # ``name``: a cookie of the Cookie header (absent: no key; no cookie is generated)
+    SOURCE_IP = 3  # the downstream client address
+    QUERY_PARAMETER = 4  # ``name``: a query parameter of :path
+
+
+@dataclass(frozen=True, slots=True)
+class HashPolicy:
+    kind: HashKind
+    name: bytes = b""
+# [lb] end
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A compiled route: match conditions and the one action this issue supports."""
@@ -94,6 +109,7 @@ class Route:
     weighted: tuple[WeightedCluster, ...] = ()
     total_weight: int = 0
     timeout: float = 15.0  # seconds; 0 disables (Envoy's RouteAction.timeout semantics)
+    hash_policy: tuple[HashPolicy, ...] = ()  # [lb] empty: the request carries no hash key
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +205,7 @@ class Cluster:
     name: str
     endpoints: tuple[Endpoint, ...]
     connect_timeout: float = 10.0
-    lb_policy: str = "ROUND_ROBIN"
+    lb_policy: str = "ROUND_ROBIN"  # [lb] ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH (CLUSTER_PROVIDED: ORIGINAL_DST)
     # Istio-style identity of the destination, for metrics labels.
     service: str = ""
     direction: Direction = Direction.OUTBOUND
@@ -198,6 +214,7 @@ class Cluster:
     # none: 503 UH / connection closed). ``original_dst_tls``: how to dial it.
     original_dst: bool = False
     original_dst_tls: TlsClient | None = None
+    ring_size: int = 1024  # [lb] RING_HASH: ring_hash_lb_config.minimum_ring_size (Envoy's default 1024)
 
 
 # [accesslog] where and how a listener logs each request / connection (HCM and tcp_proxy

@@ -33,6 +33,7 @@ from proxy.errors import (
     RequestTimeoutError,
     UpstreamResetError,
 )
+from proxy.lb import request_hash
 from proxy.model import AccessLog, Endpoint, TlsClient  # [accesslog]
 from proxy.policy import authorize_request
 from proxy.router import find_virtual_host, match_route, pick_cluster
@@ -266,7 +267,16 @@ class Stream:
         # ---- [authz] end
         # [interception] ORIGINAL_DST clusters dial the connection's original destination
         # (set by listener.CaptureServerSocket; absent on explicit listeners: 503 UH).
-        ep = rt.pick_original(getattr(self.conn, "original_dst", None)) if rt.spec.original_dst else rt.lb.pick()
+        # [lb] a hash key only when the route has hash policies; LEAST_REQUEST counts active requests
+        if rt.spec.original_dst:
+            ep = rt.pick_original(getattr(self.conn, "original_dst", None))
+        else:
+            hp = route.hash_policy
+            ep = rt.lb.pick(request_hash(hp, self.hdrs, self.path, self.conn.client_ip) if hp else None)
+            active = rt.active
+            if active is not None and ep is not None:
+                active[ep] = active.get(ep, 0) + 1
+        # [lb] end
         if ep is None:
             raise NoHealthyUpstreamError()
         self.upstream_host = ep  # [accesslog]
@@ -488,6 +498,9 @@ class Stream:
         rt = self.cluster
         if rt is not None:
             rt.stats.rq_active -= 1
+            active = rt.active  # [lb]
+            if active is not None and self.upstream_host is not None:
+                active[self.upstream_host] -= 1
             # [accesslog] Istio labels: the request class carries mTLS and the peer identity
             peer = self.conn.peer
             if peer is not None:

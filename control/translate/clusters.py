@@ -36,6 +36,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 
 from control.translate.model import (
     EMPTY,
+    LoadBalancer,
     MtlsMode,
     Resolution,
     ServiceEntry,
@@ -93,6 +94,8 @@ def build_clusters(
                 if se.resolution is Resolution.NONE
                 else _eds_cluster(name)
             )
+            if rule is not None and se.resolution is not Resolution.NONE:
+                apply_lb(cluster, rule.lb_for(subset, number))
             rows = _secure(scope, cluster, se, port, subset, host, rows)
             clusters.append(cluster)
             if se.resolution is Resolution.STATIC:
@@ -233,3 +236,12 @@ def load_assignment(
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name, endpoints=[ec.LocalityLbEndpoints(lb_endpoints=endpoints)]
     )
+
+
+def apply_lb(cluster: cluster_pb2.Cluster, lb: LoadBalancer | None) -> None:
+    """A DestinationRule's loadBalancer on its cluster (consistentHash: RING_HASH; the key is on routes)."""
+    if lb is None:
+        return
+    cluster.lb_policy = cluster_pb2.Cluster.LbPolicy.Value(lb.simple)
+    if lb.ring_size is not None:
+        cluster.ring_hash_lb_config.minimum_ring_size.value = lb.ring_size

@@ -285,16 +285,42 @@ class ClientTls:
     insecure_skip_verify: bool = False
 
 
+class HashSource(Enum):
+    """Where consistentHash takes a request's key from."""
+
+    HEADER = "httpHeaderName"
+    COOKIE = "httpCookie"
+    SOURCE_IP = "useSourceIp"
+    QUERY_PARAMETER = "httpQueryParameterName"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancer:
+    """A DestinationRule's `loadBalancer`: `simple`, or consistent hashing (ring hash)."""
+
+    simple: str = "ROUND_ROBIN"  # ROUND_ROBIN, LEAST_REQUEST, RANDOM; "RING_HASH" for consistentHash
+    hash_source: HashSource | None = None
+    name: str = ""  # header, cookie or query parameter name
+    cookie_path: str = ""
+    cookie_ttl: float | None = None
+    ring_size: int | None = None  # minimumRingSize; None: Envoy's default
+
+
 @dataclass(frozen=True, slots=True)
 class TrafficPolicy:
-    """The parts of a TrafficPolicy that change the xDS output: `tls`, whole and per port."""
+    """The parts of a TrafficPolicy that change the xDS output: `tls` and `loadBalancer`, whole and per port."""
 
     tls: ClientTls | None = None
     port_tls: Mapping[int, ClientTls] = field(default_factory=lambda: EMPTY)
+    lb: LoadBalancer | None = None
+    port_lb: Mapping[int, LoadBalancer] = field(default_factory=lambda: EMPTY)
 
     def tls_for(self, port: int) -> ClientTls | None:
         """The port-level `tls` for `port` if there is one, else the policy's own."""
         return self.port_tls.get(port) or self.tls
+
+    def lb_for(self, port: int) -> LoadBalancer | None:
+        return self.port_lb.get(port) or self.lb
 
 
 NO_POLICY = TrafficPolicy()
@@ -323,6 +349,15 @@ class DestinationRule:
                 if found is not None:
                     return found
         return self.traffic_policy.tls_for(port)
+
+    def lb_for(self, subset: str, port: int) -> LoadBalancer | None:
+        """The same precedence as `tls_for`, for `loadBalancer`."""
+        for candidate in self.subsets:
+            if candidate.name == subset:
+                found = candidate.traffic_policy.lb_for(port)
+                if found is not None:
+                    return found
+        return self.traffic_policy.lb_for(port)
 
 
 # --- security ---------------------------------------------------------------

@@ -21,6 +21,11 @@ Rules:
   Without one (or if it has only tcp routes): a single "/" prefix route to
   outbound|port||host. A route with no VirtualService timeout gets timeout 0s
   (disabled), as Istio sets it: Envoy's own default would be 15 s.
+- A route whose destination cluster has a DestinationRule consistentHash
+  (for its subset and port) carries the matching RouteAction.hash_policy: Envoy
+  keeps the hash key on the route. A weighted route whose clusters have
+  different hash keys takes the first destination's one (Envoy has one list
+  of hash policies per route).
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ from google.protobuf import wrappers_pb2
 
 from control.translate.errors import Problem
 from control.translate.model import (
+    HashSource,
     HttpMatch,
     HttpRoute,
+    LoadBalancer,
     MatchKind,
     Protocol,
     StringMatch,
@@ -95,13 +102,9 @@ def route_table(
         if vs is None or not vs.http:  # a VirtualService with only tcp routes leaves HTTP alone
             cluster = cluster_name("outbound", port, "", host)
             referenced.add((host, port))
-            routes = [
-                rc.Route(
-                    name="default",
-                    match=rc.RouteMatch(prefix="/"),
-                    route=rc.RouteAction(cluster=cluster, timeout=duration(0)),
-                )
-            ]
+            action = rc.RouteAction(cluster=cluster, timeout=duration(0))
+            _hash(action, [_lb(scope, host, "", port)])
+            routes = [rc.Route(name="default", match=rc.RouteMatch(prefix="/"), route=action)]
         else:
             routes = list(_vs_routes(scope, vs, port, referenced, problems))
         virtual_hosts.append(rc.VirtualHost(name=f"{host}:{port}", domains=domains, routes=routes))
@@ -146,6 +149,7 @@ def _action(
     # Istio drops zero-weight destinations when others remain.
     chosen = [d for d in http.destinations if d.weight > 0] or list(http.destinations[:1])
     targets: list[tuple[str, int]] = []
+    balancers: list[LoadBalancer | None] = []
     for dest in chosen:
         found = scope.destination(vs, dest, port, problems)
         if found is None:
@@ -153,6 +157,7 @@ def _action(
         name, reference = found
         referenced.add(reference)
         targets.append((name, dest.weight))
+        balancers.append(_lb(scope, dest.host, dest.subset, reference[1]))
     action = rc.RouteAction()
     if len(targets) == 1:
         action.cluster = targets[0][0]
@@ -168,7 +173,34 @@ def _action(
             )
         )
     action.timeout.CopyFrom(duration(http.timeout if http.timeout is not None else 0))
+    _hash(action, balancers)
     return action
+
+
+def _lb(scope: Scope, host: str, subset: str, port: int) -> LoadBalancer | None:
+    rule = scope.rules.get(host)
+    return rule.lb_for(subset, port) if rule is not None else None
+
+
+def _hash(action: rc.RouteAction, balancers: list[LoadBalancer | None]) -> None:
+    """The first consistentHash among the route's destinations, as the route's hash_policy."""
+    lb = next((b for b in balancers if b is not None and b.hash_source is not None), None)
+    if lb is None:
+        return
+    policy = rc.RouteAction.HashPolicy()
+    if lb.hash_source is HashSource.HEADER:
+        policy.header.header_name = lb.name
+    elif lb.hash_source is HashSource.COOKIE:
+        policy.cookie.name = lb.name
+        if lb.cookie_path:
+            policy.cookie.path = lb.cookie_path
+        if lb.cookie_ttl is not None:
+            policy.cookie.ttl.CopyFrom(duration(lb.cookie_ttl))
+    elif lb.hash_source is HashSource.SOURCE_IP:
+        policy.connection_properties.source_ip = True
+    else:
+        policy.query_parameter.name = lb.name
+    action.hash_policy.append(policy)
 
 
 def string_matcher(match: StringMatch) -> string_pb2.StringMatcher:

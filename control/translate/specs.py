@@ -221,14 +221,29 @@ VIRTUAL_SERVICE = Obj(
     unsupported=("tls",),
 )
 
+HTTP_COOKIE = Obj({"name": STR, "path": STR, "ttl": DURATION}, required=("name",))
+CONSISTENT_HASH = Obj(
+    {
+        "httpHeaderName": STR,
+        "httpCookie": HTTP_COOKIE,
+        "useSourceIp": BOOL,
+        "httpQueryParameterName": STR,
+        "minimumRingSize": UINT,
+        "ringHash": Obj({"minimumRingSize": UINT}),
+    },
+    unsupported=("maglev",),
+    one_of=("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName"),
+)
 LOAD_BALANCER = Obj(
     {
         "simple": Enum(
-            ("ROUND_ROBIN",),
-            ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "LEAST_REQUEST"),
-        )
+            ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "LEAST_CONN", "UNSPECIFIED"),
+            ("PASSTHROUGH",),
+        ),
+        "consistentHash": CONSISTENT_HASH,
     },
-    unsupported=("consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"),
+    unsupported=("localityLbSetting", "warmupDurationSecs", "warmup"),
+    one_of=("simple", "consistentHash"),
 )
 CLIENT_TLS_SETTINGS = Obj(
     {
@@ -243,9 +258,13 @@ CLIENT_TLS_SETTINGS = Obj(
     unsupported=("credentialName", "caCrl"),
 )
 PORT_TRAFFIC_POLICY = Obj(
-    {"port": Obj({"number": PORT}, required=("number",)), "tls": CLIENT_TLS_SETTINGS},
+    {
+        "port": Obj({"number": PORT}, required=("number",)),
+        "tls": CLIENT_TLS_SETTINGS,
+        "loadBalancer": LOAD_BALANCER,
+    },
     required=("port",),
-    unsupported=("loadBalancer", "connectionPool", "outlierDetection"),
+    unsupported=("connectionPool", "outlierDetection"),
 )
 TRAFFIC_POLICY = Obj(
     {

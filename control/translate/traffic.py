@@ -19,9 +19,11 @@ from control.translate.model import (
     Destination,
     DestinationRule,
     EgressListener,
+    HashSource,
     HttpMatch,
     HttpRoute,
     IngressListener,
+    LoadBalancer,
     MatchKind,
     Sidecar,
     SidecarPort,
@@ -70,9 +72,11 @@ def destination_rule(s: Session, e: Entry, b: Build) -> DestinationRule | None:
 def _traffic_policy(
     s: Session, host: str | None, raw: dict[str, Any], path: str, b: Build
 ) -> TrafficPolicy:
-    """The `tls` of a TrafficPolicy, whole and per port (the only part that changes the output)."""
+    """The `tls` and `loadBalancer` of a TrafficPolicy, whole and per port (the parts that change the output)."""
     tls = _client_tls(raw["tls"], f"{path}.tls", b) if "tls" in raw else None
+    lb = _load_balancer(raw["loadBalancer"], f"{path}.loadBalancer", b) if "loadBalancer" in raw else None
     ports: dict[int, ClientTls] = {}
+    port_lb: dict[int, LoadBalancer] = {}
     seen: set[int] = set()
     for i, setting in enumerate(raw.get("portLevelSettings", [])):
         here = f"{path}.portLevelSettings[{i}]"
@@ -84,9 +88,34 @@ def _traffic_policy(
         seen.add(number)
         if "tls" in setting:
             ports[number] = _client_tls(setting["tls"], f"{here}.tls", b)
-    if tls is None and not ports:
+        if "loadBalancer" in setting:
+            port_lb[number] = _load_balancer(setting["loadBalancer"], f"{here}.loadBalancer", b)
+    if tls is None and not ports and lb is None and not port_lb:
         return NO_POLICY
-    return TrafficPolicy(tls, frozen_map(ports))
+    return TrafficPolicy(tls, frozen_map(ports), lb, frozen_map(port_lb))
+
+
+def _load_balancer(raw: dict[str, Any], path: str, b: Build) -> LoadBalancer:
+    """LoadBalancerSettings (shape already checked: `simple` or `consistentHash`)."""
+    if "consistentHash" not in raw:
+        simple = raw.get("simple", "ROUND_ROBIN")
+        # Istio: UNSPECIFIED is its default (round robin here), LEAST_CONN the old name of LEAST_REQUEST.
+        return LoadBalancer({"UNSPECIFIED": "ROUND_ROBIN", "LEAST_CONN": "LEAST_REQUEST"}.get(simple, simple))
+    ch = raw["consistentHash"]
+    ring = ch.get("ringHash", {}).get("minimumRingSize", ch.get("minimumRingSize"))
+    source = next(s for s in HashSource if s.value in ch)
+    cookie = ch.get("httpCookie", {})
+    ttl = parse_duration(cookie["ttl"]) if "ttl" in cookie else None
+    name = cookie.get("name", "") if source is HashSource.COOKIE else str(ch.get(source.value, ""))
+    if source is HashSource.SOURCE_IP:
+        name = ""
+        if ch["useSourceIp"] is not True:
+            b(f"{path}.consistentHash.useSourceIp", "must be true (or use another hash key)")
+    elif not name:
+        b(f"{path}.consistentHash.{source.value}", "a name is required")
+    if ring is not None and ring < 1:
+        b(f"{path}.consistentHash.minimumRingSize", "must be positive")
+    return LoadBalancer("RING_HASH", source, name, cookie.get("path", ""), ttl, ring)
 
 
 _FILES = ("clientCertificate", "privateKey", "caCertificates")

@@ -92,7 +92,8 @@ def test_bootstrap_inlines_routes_and_endpoints() -> None:
 
 @pytest.mark.skipif(not ENVOY.exists(), reason=f"no Envoy binary at {ENVOY}")
 @pytest.mark.parametrize("case", ["reviews", "weighted", "access-log-json", "access-log-text",
-                                  "tracing"])  # [tracing]
+                                  "tracing",  # [tracing]
+                                  "lb-ring-hash", "lb-cookie", "lb-simple"])  # [lb]
 def test_envoy_validates_the_translated_config(tmp_path: Path, case: str) -> None:
     if case == "reviews":
         resources = translate(load_text(TEXT), NODE)
@@ -105,6 +106,21 @@ def test_envoy_validates_the_translated_config(tmp_path: Path, case: str) -> Non
         mesh = f"---\nkind: MeshConfig\nspec: {{accessLogFile: /dev/stdout, accessLogEncoding: {encoding}}}\n"
         resources = translate(load_text(TEXT + mesh), NODE)
         assert any("access_loggers.file" in str(item) for item in resources.listeners)
+    elif case.startswith("lb-"):  # [lb] DestinationRule loadBalancer: lb_policy, ring hash config, hash_policy
+        from tests.control.test_translate_lb import with_policy
+
+        hashing = {
+            "lb-ring-hash": "{consistentHash: {useSourceIp: true, ringHash: {minimumRingSize: 64}}}",
+            "lb-cookie": "{consistentHash: {httpCookie: {name: s, path: /, ttl: 10s}}}",
+            "lb-simple": "{simple: LEAST_REQUEST}",
+        }[case]
+        subsets = (
+            "  subsets:\n  - {name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}\n"
+            "  - name: v2\n    labels: {version: v2}\n    trafficPolicy: {loadBalancer: "
+            "{consistentHash: {httpQueryParameterName: u}}}\n"
+        )
+        resources = translate(load_text(with_policy(f"  trafficPolicy: {{loadBalancer: {hashing}}}\n", subsets)),
+                              NodeInfo())
     else:
         sidecar = (
             "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: all}\n"

@@ -275,12 +275,12 @@ def test_unsupported_match_feature_and_traffic_policy() -> None:
     )
     text = text.replace(
         "  subsets:\n",
-        "  trafficPolicy:\n    outlierDetection: {}\n    loadBalancer: {simple: RANDOM}\n  subsets:\n",
+        "  trafficPolicy:\n    outlierDetection: {}\n    loadBalancer: {simple: PASSTHROUGH}\n  subsets:\n",
     )
     found = problems_of(text + "---\n" + REVIEWS_REGISTRY)
     assert sorted((p.field, p.message) for p in found) == [
         ("spec.http[0].match[0].method", "not supported yet"),
-        ("spec.trafficPolicy.loadBalancer.simple", "RANDOM is not supported yet"),
+        ("spec.trafficPolicy.loadBalancer.simple", "PASSTHROUGH is not supported yet"),
         ("spec.trafficPolicy.outlierDetection", "not supported yet"),
     ]
 

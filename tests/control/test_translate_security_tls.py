@@ -344,8 +344,8 @@ def test_load_balancer_still_accepted_beside_tls() -> None:
             ],
         ),
         (
-            "portLevelSettings:\n- port: {number: 9080}\n  loadBalancer: {simple: ROUND_ROBIN}",
-            [("spec.trafficPolicy.portLevelSettings[0].loadBalancer", "not supported yet")],
+            "portLevelSettings:\n- port: {number: 9080}\n  loadBalancer: {simple: PASSTHROUGH}",
+            [("spec.trafficPolicy.portLevelSettings[0].loadBalancer.simple", "PASSTHROUGH is not supported yet")],
         ),
         (
             "portLevelSettings:\n- port: {number: 9090}\n  tls: {mode: ISTIO_MUTUAL}",

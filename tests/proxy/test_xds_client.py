@@ -73,19 +73,19 @@ async def test_unsupported_resource_is_nacked_precisely_and_old_config_keeps_ser
                 for c in good[CDS]:
                     c2 = cluster_pb2.Cluster()
                     c2.CopyFrom(c)
-                    c2.lb_policy = cluster_pb2.Cluster.RING_HASH
+                    c2.lb_policy = cluster_pb2.Cluster.MAGLEV
                     bad_clusters.append(c2)
                 ads.push({**good, CDS: bad_clusters})
                 await ads.wait_for(lambda reqs: nacks(reqs, CDS))
                 (detail,) = nacks(ads.requests, CDS)
-                assert f"Cluster 'outbound|{port}||{HOST}': lb_policy: RING_HASH is not supported yet" in detail
+                assert f"Cluster 'outbound|{port}||{HOST}': lb_policy: MAGLEV is not supported yet" in detail
                 # The NACK names the last accepted version; nothing of the bad version was applied.
                 nack = next(r for r in ads.requests if r.type_url == CDS and r.HasField("error_detail"))
                 assert nack.version_info == "1"
                 r = await one_request(port, _get(port))
                 assert r.status == 200
                 status = px.supervisor.xds.status()["types"]["CDS"]
-                assert status["nacks"] == 1 and "RING_HASH" in status["last_error"]
+                assert status["nacks"] == 1 and "MAGLEV" in status["last_error"]
                 _, body = await px.admin_get("/stats/prometheus")
                 assert b"pillion_xds_cds_nacks_total 1" in body
         finally:
