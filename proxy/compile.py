@@ -17,27 +17,25 @@ what the operator sees in the config, so it is never done.
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from proxy import model
 from proxy.compile_accesslog import access_log  # [accesslog]
+from proxy.compile_base import _Ctx, _only, _regex, _seconds, _socket_address  # noqa: F401 (re-exported for tests)
 from proxy.compile_capture import (
     CAPTURE_MATCH_FIELDS,
     capture_listener,
@@ -46,6 +44,7 @@ from proxy.compile_capture import (
     served,
 )
 from proxy.compile_rbac import NETWORK_RBAC_TYPE, http_policy, network_rbac
+from proxy.compile_routes import _hash_policy, _route, compile_route_config  # noqa: F401 (re-exported for tests)
 from proxy.compile_tls import (
     TLS_INSPECTOR,
     downstream_tls,
@@ -62,7 +61,6 @@ HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection
 TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
-ENVOY_DEFAULT_ROUTE_TIMEOUT = 15.0
 ENVOY_DEFAULT_CONNECT_TIMEOUT = 5.0
 ENVOY_DEFAULT_IDLE_TIMEOUT = 3600.0
 
@@ -91,165 +89,6 @@ class XdsResources:
 def _name_of(msg: Message) -> str:
     return getattr(msg, "name", "") or getattr(msg, "cluster_name", "")
 
-
-class _Ctx:
-    """Which resource is being compiled, for error messages."""
-
-    __slots__ = ("name", "type_name")
-
-    def __init__(self, type_name: str, name: str) -> None:
-        self.type_name = type_name
-        self.name = name
-
-    def fail(self, path: str, message: str) -> InvalidResource:
-        return InvalidResource(self.type_name, self.name, path, message)
-
-
-def _only(ctx: _Ctx, msg: Message, allowed: Iterable[str], path: str) -> None:
-    allowed = set(allowed)
-    for fd, _ in msg.ListFields():
-        if fd.name not in allowed:
-            where = f"{path}.{fd.name}" if path else fd.name
-            raise ctx.fail(where, "field is not supported by this proxy")
-
-
-def _seconds(d: duration_pb2.Duration) -> float:
-    return d.seconds + d.nanos / 1e9
-
-
-def _regex(ctx: _Ctx, pattern: str, path: str) -> re.Pattern[bytes]:
-    try:
-        return re.compile(pattern.encode())
-    except re.error as e:
-        raise ctx.fail(path, f"invalid regex {pattern!r}: {e}") from None
-
-
-def _socket_address(ctx: _Ctx, addr: address_pb2.Address, path: str) -> tuple[str, int]:
-    if addr.WhichOneof("address") != "socket_address":
-        raise ctx.fail(path, "only socket_address is supported")
-    sa = addr.socket_address
-    _only(ctx, sa, {"address", "port_value", "protocol"}, f"{path}.socket_address")
-    if sa.protocol != address_pb2.SocketAddress.TCP:
-        raise ctx.fail(f"{path}.socket_address.protocol", "only TCP is supported")
-    if not sa.address:
-        raise ctx.fail(f"{path}.socket_address.address", "required")
-    return sa.address, sa.port_value
-
-
-# ---------------------------------------------------------------- routes
-
-def _string_match(ctx: _Ctx, sm: string_pb2.StringMatcher, path: str) -> tuple[model.StringKind, bytes, re.Pattern[bytes] | None]:
-    _only(ctx, sm, {"exact", "prefix", "suffix", "contains", "safe_regex"}, path)
-    kind = sm.WhichOneof("match_pattern")
-    if kind == "exact":
-        return model.StringKind.EXACT, sm.exact.encode(), None
-    if kind == "prefix":
-        return model.StringKind.PREFIX, sm.prefix.encode(), None
-    if kind == "suffix":
-        return model.StringKind.SUFFIX, sm.suffix.encode(), None
-    if kind == "contains":
-        return model.StringKind.CONTAINS, sm.contains.encode(), None
-    if kind == "safe_regex":
-        return model.StringKind.REGEX, b"", _regex(ctx, sm.safe_regex.regex, f"{path}.safe_regex.regex")
-    raise ctx.fail(path, "a match pattern is required")
-
-
-def _header_match(ctx: _Ctx, hm: route_components_pb2.HeaderMatcher, path: str) -> model.HeaderMatch:
-    _only(ctx, hm, {"name", "string_match", "present_match", "invert_match", "exact_match",
-                    "prefix_match", "suffix_match", "safe_regex_match"}, path)
-    name = hm.name.lower().encode()
-    if not name or name.startswith(b":"):
-        raise ctx.fail(f"{path}.name", "a regular header name is required (pseudo-headers are not supported)")
-    which = hm.WhichOneof("header_match_specifier")
-    if which == "string_match":
-        kind, value, rx = _string_match(ctx, hm.string_match, f"{path}.string_match")
-    elif which == "present_match":
-        kind, value, rx = model.StringKind.PRESENT, b"", None
-        return model.HeaderMatch(name, kind, value, rx, invert=hm.invert_match != (not hm.present_match))
-    elif which == "exact_match":
-        kind, value, rx = model.StringKind.EXACT, hm.exact_match.encode(), None
-    elif which == "prefix_match":
-        kind, value, rx = model.StringKind.PREFIX, hm.prefix_match.encode(), None
-    elif which == "suffix_match":
-        kind, value, rx = model.StringKind.SUFFIX, hm.suffix_match.encode(), None
-    elif which == "safe_regex_match":
-        kind, value, rx = model.StringKind.REGEX, b"", _regex(ctx, hm.safe_regex_match.regex, f"{path}.safe_regex_match.regex")
-    else:
-        kind, value, rx = model.StringKind.PRESENT, b"", None
-    return model.HeaderMatch(name, kind, value, rx, invert=hm.invert_match)
-
-
-def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str) -> model.Route:
-    _only(ctx, r, {"name", "match", "route", "metadata", "decorator"}, path)
-    if not r.HasField("route"):
-        raise ctx.fail(f"{path}.action", "only route actions are supported (no redirect or direct_response yet)")
-    m = r.match
-    _only(ctx, m, {"prefix", "path", "safe_regex", "headers"}, f"{path}.match")
-    spec = m.WhichOneof("path_specifier")
-    rx = None
-    if spec == "prefix":
-        kind, value = model.PathKind.PREFIX, m.prefix.encode()
-    elif spec == "path":
-        kind, value = model.PathKind.EXACT, m.path.encode()
-    elif spec == "safe_regex":
-        kind, value = model.PathKind.REGEX, b""
-        rx = _regex(ctx, m.safe_regex.regex, f"{path}.match.safe_regex.regex")
-    else:
-        raise ctx.fail(f"{path}.match", "a path specifier (prefix, path or safe_regex) is required")
-    headers = tuple(_header_match(ctx, h, f"{path}.match.headers[{i}]") for i, h in enumerate(m.headers))
-    a = r.route
-    _only(ctx, a, {"cluster", "weighted_clusters", "timeout", "hash_policy"}, f"{path}.route")
-    timeout = _seconds(a.timeout) if a.HasField("timeout") else ENVOY_DEFAULT_ROUTE_TIMEOUT
-    hp = tuple(_hash_policy(ctx, h, f"{path}.route.hash_policy[{i}]") for i, h in enumerate(a.hash_policy))  # [lb]
-    which = a.WhichOneof("cluster_specifier")
-    if which == "cluster":
-        if not a.cluster:
-            raise ctx.fail(f"{path}.route.cluster", "must not be empty")
-        return model.Route(r.name, kind, value, rx, headers, a.cluster, timeout=timeout, hash_policy=hp)
-    if which == "weighted_clusters":
-        wc = a.weighted_clusters
-        _only(ctx, wc, {"clusters", "total_weight"}, f"{path}.route.weighted_clusters")
-        out = []
-        for i, c in enumerate(wc.clusters):
-            _only(ctx, c, {"name", "weight"}, f"{path}.route.weighted_clusters.clusters[{i}]")
-            if c.weight.value > 0:
-                out.append(model.WeightedCluster(c.name, c.weight.value))
-        if not out:
-            raise ctx.fail(f"{path}.route.weighted_clusters", "at least one cluster needs a positive weight")
-        total = sum(w.weight for w in out)
-        return model.Route(r.name, kind, value, rx, headers, out[0].name, tuple(out), total, timeout, hp)
-    raise ctx.fail(f"{path}.route", "cluster or weighted_clusters is required")
-
-
-def compile_route_config(rc: route_pb2.RouteConfiguration, name: str | None = None) -> model.RouteTable:
-    ctx = _Ctx("RouteConfiguration", name or rc.name)
-    _only(ctx, rc, {"name", "virtual_hosts", "validate_clusters"}, "")
-    exact: dict[bytes, model.VirtualHost] = {}
-    suffixes: list[tuple[bytes, model.VirtualHost]] = []
-    prefixes: list[tuple[bytes, model.VirtualHost]] = []
-    wildcard = None
-    vhosts = []
-    for i, v in enumerate(rc.virtual_hosts):
-        path = f"virtual_hosts[{i}]"
-        _only(ctx, v, {"name", "domains", "routes", "metadata"}, path)
-        routes = tuple(_route(ctx, r, f"{path}.routes[{j}]") for j, r in enumerate(v.routes))
-        vh = model.VirtualHost(v.name, tuple(v.domains), routes)
-        vhosts.append(vh)
-        for d in v.domains:
-            key = d.lower().encode()
-            if key == b"*":
-                wildcard = wildcard or vh
-            elif key.startswith(b"*"):
-                suffixes.append((key[1:], vh))
-            elif key.endswith(b"*"):
-                prefixes.append((key[:-1], vh))
-            elif key in exact:
-                raise ctx.fail(f"{path}.domains", f"domain {d!r} is already used by virtual host {exact[key].name!r}")
-            else:
-                exact[key] = vh
-    suffixes.sort(key=lambda p: -len(p[0]))
-    prefixes.sort(key=lambda p: -len(p[0]))
-    return model.RouteTable(ctx.name, exact, tuple(suffixes), tuple(prefixes), wildcard, tuple(vhosts))
 
 
 # ---------------------------------------------------------------- listeners
@@ -517,33 +356,6 @@ def _lb_policy(ctx: _Ctx, c: cluster_pb2.Cluster) -> tuple[str, int]:
         if ring_size < 1:
             raise ctx.fail("ring_hash_lb_config.minimum_ring_size", "must be positive")
     return name, ring_size
-
-
-def _hash_policy(ctx: _Ctx, h: route_components_pb2.RouteAction.HashPolicy, path: str) -> model.HashPolicy:
-    _only(ctx, h, {"header", "cookie", "connection_properties", "query_parameter"}, path)
-    which = h.WhichOneof("policy_specifier")
-    if which == "header":
-        _only(ctx, h.header, {"header_name"}, f"{path}.header")
-        if not h.header.header_name or h.header.header_name.startswith(":"):
-            raise ctx.fail(f"{path}.header.header_name", "a regular header name is required")
-        return model.HashPolicy(model.HashKind.HEADER, h.header.header_name.lower().encode())
-    if which == "cookie":
-        # ttl/path only matter when Envoy generates a missing cookie, which this proxy does not do.
-        _only(ctx, h.cookie, {"name", "ttl", "path"}, f"{path}.cookie")
-        if not h.cookie.name:
-            raise ctx.fail(f"{path}.cookie.name", "required")
-        return model.HashPolicy(model.HashKind.COOKIE, h.cookie.name.encode())
-    if which == "connection_properties":
-        if not h.connection_properties.source_ip:
-            raise ctx.fail(f"{path}.connection_properties.source_ip", "must be true")
-        return model.HashPolicy(model.HashKind.SOURCE_IP)
-    if which == "query_parameter":
-        if not h.query_parameter.name:
-            raise ctx.fail(f"{path}.query_parameter.name", "required")
-        return model.HashPolicy(model.HashKind.QUERY_PARAMETER, h.query_parameter.name.encode())
-    raise ctx.fail(path, f"{which or 'a policy'} is not supported (header, cookie, connection_properties, "
-                         "query_parameter are)")
-# [lb] end
 
 
 # ---------------------------------------------------------------- snapshot

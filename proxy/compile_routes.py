@@ -1,0 +1,158 @@
+"""RouteConfiguration (and route hash policies) -> ``model.RouteTable``.
+
+A helper of ``compile.py``: virtual hosts become an exact-host dict plus
+suffix/prefix/wildcard lists, routes keep their order (first match wins),
+regexes are compiled here, and every RouteAction field Pillion does not
+implement is refused with its path.
+"""
+
+from __future__ import annotations
+
+import re
+
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.type.matcher.v3 import string_pb2
+
+from proxy import model
+from proxy.compile_base import ENVOY_DEFAULT_ROUTE_TIMEOUT, _Ctx, _only, _regex, _seconds
+
+
+def _string_match(ctx: _Ctx, sm: string_pb2.StringMatcher, path: str) -> tuple[model.StringKind, bytes, re.Pattern[bytes] | None]:
+    _only(ctx, sm, {"exact", "prefix", "suffix", "contains", "safe_regex"}, path)
+    kind = sm.WhichOneof("match_pattern")
+    if kind == "exact":
+        return model.StringKind.EXACT, sm.exact.encode(), None
+    if kind == "prefix":
+        return model.StringKind.PREFIX, sm.prefix.encode(), None
+    if kind == "suffix":
+        return model.StringKind.SUFFIX, sm.suffix.encode(), None
+    if kind == "contains":
+        return model.StringKind.CONTAINS, sm.contains.encode(), None
+    if kind == "safe_regex":
+        return model.StringKind.REGEX, b"", _regex(ctx, sm.safe_regex.regex, f"{path}.safe_regex.regex")
+    raise ctx.fail(path, "a match pattern is required")
+
+
+def _header_match(ctx: _Ctx, hm: route_components_pb2.HeaderMatcher, path: str) -> model.HeaderMatch:
+    _only(ctx, hm, {"name", "string_match", "present_match", "invert_match", "exact_match",
+                    "prefix_match", "suffix_match", "safe_regex_match"}, path)
+    name = hm.name.lower().encode()
+    if not name or name.startswith(b":"):
+        raise ctx.fail(f"{path}.name", "a regular header name is required (pseudo-headers are not supported)")
+    which = hm.WhichOneof("header_match_specifier")
+    if which == "string_match":
+        kind, value, rx = _string_match(ctx, hm.string_match, f"{path}.string_match")
+    elif which == "present_match":
+        kind, value, rx = model.StringKind.PRESENT, b"", None
+        return model.HeaderMatch(name, kind, value, rx, invert=hm.invert_match != (not hm.present_match))
+    elif which == "exact_match":
+        kind, value, rx = model.StringKind.EXACT, hm.exact_match.encode(), None
+    elif which == "prefix_match":
+        kind, value, rx = model.StringKind.PREFIX, hm.prefix_match.encode(), None
+    elif which == "suffix_match":
+        kind, value, rx = model.StringKind.SUFFIX, hm.suffix_match.encode(), None
+    elif which == "safe_regex_match":
+        kind, value, rx = model.StringKind.REGEX, b"", _regex(ctx, hm.safe_regex_match.regex, f"{path}.safe_regex_match.regex")
+    else:
+        kind, value, rx = model.StringKind.PRESENT, b"", None
+    return model.HeaderMatch(name, kind, value, rx, invert=hm.invert_match)
+
+
+def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str) -> model.Route:
+    _only(ctx, r, {"name", "match", "route", "metadata", "decorator"}, path)
+    if not r.HasField("route"):
+        raise ctx.fail(f"{path}.action", "only route actions are supported (no redirect or direct_response yet)")
+    m = r.match
+    _only(ctx, m, {"prefix", "path", "safe_regex", "headers"}, f"{path}.match")
+    spec = m.WhichOneof("path_specifier")
+    rx = None
+    if spec == "prefix":
+        kind, value = model.PathKind.PREFIX, m.prefix.encode()
+    elif spec == "path":
+        kind, value = model.PathKind.EXACT, m.path.encode()
+    elif spec == "safe_regex":
+        kind, value = model.PathKind.REGEX, b""
+        rx = _regex(ctx, m.safe_regex.regex, f"{path}.match.safe_regex.regex")
+    else:
+        raise ctx.fail(f"{path}.match", "a path specifier (prefix, path or safe_regex) is required")
+    headers = tuple(_header_match(ctx, h, f"{path}.match.headers[{i}]") for i, h in enumerate(m.headers))
+    a = r.route
+    _only(ctx, a, {"cluster", "weighted_clusters", "timeout", "hash_policy"}, f"{path}.route")
+    timeout = _seconds(a.timeout) if a.HasField("timeout") else ENVOY_DEFAULT_ROUTE_TIMEOUT
+    hp = tuple(_hash_policy(ctx, h, f"{path}.route.hash_policy[{i}]") for i, h in enumerate(a.hash_policy))  # [lb]
+    which = a.WhichOneof("cluster_specifier")
+    if which == "cluster":
+        if not a.cluster:
+            raise ctx.fail(f"{path}.route.cluster", "must not be empty")
+        return model.Route(r.name, kind, value, rx, headers, a.cluster, timeout=timeout, hash_policy=hp)
+    if which == "weighted_clusters":
+        wc = a.weighted_clusters
+        _only(ctx, wc, {"clusters", "total_weight"}, f"{path}.route.weighted_clusters")
+        out = []
+        for i, c in enumerate(wc.clusters):
+            _only(ctx, c, {"name", "weight"}, f"{path}.route.weighted_clusters.clusters[{i}]")
+            if c.weight.value > 0:
+                out.append(model.WeightedCluster(c.name, c.weight.value))
+        if not out:
+            raise ctx.fail(f"{path}.route.weighted_clusters", "at least one cluster needs a positive weight")
+        total = sum(w.weight for w in out)
+        return model.Route(r.name, kind, value, rx, headers, out[0].name, tuple(out), total, timeout, hp)
+    raise ctx.fail(f"{path}.route", "cluster or weighted_clusters is required")
+
+
+def compile_route_config(rc: route_pb2.RouteConfiguration, name: str | None = None) -> model.RouteTable:
+    ctx = _Ctx("RouteConfiguration", name or rc.name)
+    _only(ctx, rc, {"name", "virtual_hosts", "validate_clusters"}, "")
+    exact: dict[bytes, model.VirtualHost] = {}
+    suffixes: list[tuple[bytes, model.VirtualHost]] = []
+    prefixes: list[tuple[bytes, model.VirtualHost]] = []
+    wildcard = None
+    vhosts = []
+    for i, v in enumerate(rc.virtual_hosts):
+        path = f"virtual_hosts[{i}]"
+        _only(ctx, v, {"name", "domains", "routes", "metadata"}, path)
+        routes = tuple(_route(ctx, r, f"{path}.routes[{j}]") for j, r in enumerate(v.routes))
+        vh = model.VirtualHost(v.name, tuple(v.domains), routes)
+        vhosts.append(vh)
+        for d in v.domains:
+            key = d.lower().encode()
+            if key == b"*":
+                wildcard = wildcard or vh
+            elif key.startswith(b"*"):
+                suffixes.append((key[1:], vh))
+            elif key.endswith(b"*"):
+                prefixes.append((key[:-1], vh))
+            elif key in exact:
+                raise ctx.fail(f"{path}.domains", f"domain {d!r} is already used by virtual host {exact[key].name!r}")
+            else:
+                exact[key] = vh
+    suffixes.sort(key=lambda p: -len(p[0]))
+    prefixes.sort(key=lambda p: -len(p[0]))
+    return model.RouteTable(ctx.name, exact, tuple(suffixes), tuple(prefixes), wildcard, tuple(vhosts))
+
+
+def _hash_policy(ctx: _Ctx, h: route_components_pb2.RouteAction.HashPolicy, path: str) -> model.HashPolicy:
+    _only(ctx, h, {"header", "cookie", "connection_properties", "query_parameter"}, path)
+    which = h.WhichOneof("policy_specifier")
+    if which == "header":
+        _only(ctx, h.header, {"header_name"}, f"{path}.header")
+        if not h.header.header_name or h.header.header_name.startswith(":"):
+            raise ctx.fail(f"{path}.header.header_name", "a regular header name is required")
+        return model.HashPolicy(model.HashKind.HEADER, h.header.header_name.lower().encode())
+    if which == "cookie":
+        # ttl/path only matter when Envoy generates a missing cookie, which this proxy does not do.
+        _only(ctx, h.cookie, {"name", "ttl", "path"}, f"{path}.cookie")
+        if not h.cookie.name:
+            raise ctx.fail(f"{path}.cookie.name", "required")
+        return model.HashPolicy(model.HashKind.COOKIE, h.cookie.name.encode())
+    if which == "connection_properties":
+        if not h.connection_properties.source_ip:
+            raise ctx.fail(f"{path}.connection_properties.source_ip", "must be true")
+        return model.HashPolicy(model.HashKind.SOURCE_IP)
+    if which == "query_parameter":
+        if not h.query_parameter.name:
+            raise ctx.fail(f"{path}.query_parameter.name", "required")
+        return model.HashPolicy(model.HashKind.QUERY_PARAMETER, h.query_parameter.name.encode())
+    raise ctx.fail(path, f"{which or 'a policy'} is not supported (header, cookie, connection_properties, "
+                         "query_parameter are)")
+# [lb] end
