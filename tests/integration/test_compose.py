@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.net import REPO
+from tests.helpers.net import REPO, wait_until
 from tests.helpers.podman import CONF, IMAGE, build_image
 from tests.helpers.podman import run as _run
 
@@ -272,15 +272,16 @@ def test_bookinfo_comes_up_with_mtls_canary_authz_and_tracing(mesh: Mesh) -> Non
                mesh.container("productpage")], mesh.env).stdout.strip()
     assert ip, "productpage has no address"
 
-    deadline = time.monotonic() + 90
-    doc: dict[str, Any] = {}
-    while time.monotonic() < deadline:  # the sidecars start, get certificates, register and sync
-        doc = mesh.productpage(ip, "jason")
-        if doc.get("status") == 200 and _call(doc, "reviews").get("status") == 200 \
-                and _call(doc, "details").get("status") == 200:
-            break
-        time.sleep(0.5)
-    else:
+    last: dict[str, Any] = {}
+
+    def answered() -> bool:  # the sidecars start, get certificates, register and sync
+        last.clear()
+        last.update(mesh.productpage(ip, "jason"))
+        return last.get("status") == 200 and _call(last, "reviews").get("status") == 200 \
+            and _call(last, "details").get("status") == 200
+
+    doc = last
+    if not wait_until(answered, timeout=90, interval=0.5):
         raise AssertionError(f"productpage never answered with its upstreams: {doc}\n"
                              + mesh.logs("control", "productpage-proxy", "reviews-v2-proxy", "details-proxy"))
     ready = time.monotonic() - started
@@ -306,15 +307,16 @@ def test_bookinfo_comes_up_with_mtls_canary_authz_and_tracing(mesh: Mesh) -> Non
     assert json.loads(refused.stdout)["status"] == 403
 
     # The trace of a request reached the control server's OTLP receiver.
-    deadline = time.monotonic() + 30
-    shown = ""
-    while time.monotonic() < deadline:
+    shown_box = [""]
+
+    def traced() -> bool:
         r = mesh.in_netns(sys.executable, "-m", "proxy", "traces", "--server", f"{CONTROL_IP}:15014", "--limit", "20")
-        shown = r.stdout + r.stderr
-        if re.search(r"productpage\S* SERVER", shown) and re.search(r"reviews\S* SERVER", shown):
-            break
-        time.sleep(0.5)
-    else:
+        shown_box[0] = r.stdout + r.stderr
+        return bool(re.search(r"productpage\S* SERVER", shown_box[0]) and re.search(r"reviews\S* SERVER", shown_box[0]))
+
+    shown = ""
+    if not wait_until(traced, timeout=30, interval=0.5):
+        shown = shown_box[0]
         raise AssertionError(f"no productpage -> reviews trace at the receiver:\n{shown}")
 
     down_started = time.monotonic()

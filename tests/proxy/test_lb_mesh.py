@@ -60,10 +60,10 @@ async def test_least_request_avoids_the_busy_endpoint(tmp_path):
         async with standalone_proxy(tmp_path):
             slow = await RawClient.connect(port)
             await slow.send(f"GET /slow?ms=3000 HTTP/1.1\r\nhost: {HOST}\r\n\r\n".encode())
-            for _ in range(200):
-                if any(r.path.startswith("/slow") for r in a.requests + b.requests):
-                    break
-                await asyncio.sleep(0.01)
+            arrived = [asyncio.ensure_future(u.state.request_seen.wait()) for u in (a, b)]
+            await asyncio.wait(arrived, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            for fut in arrived:
+                fut.cancel()
             busy = "a" if any(r.path.startswith("/slow") for r in a.requests) else "b"
             seen = await _spread(port, 60)
             # Two random choices: the busy endpoint wins only when drawn twice (1/4); round robin: 1/2.

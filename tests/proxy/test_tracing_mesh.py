@@ -3,13 +3,14 @@ OTLP/gRPC receiver; a down collector drops (and counts) spans; 0% sampling still
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from typing import Any
 
 from control.demoapp import DemoApp
 from control.otlp_receiver import OtlpReceiver
 from tests.helpers.config import HOST, service_entry, simple_mesh, write
 from tests.helpers.net import RawClient, free_port, standalone_proxy
+from tests.helpers.poll import poll
 from tests.helpers.upstreams import RecordingUpstream
 
 COLLECTOR = "otel-collector.default.svc.cluster.local"
@@ -67,14 +68,13 @@ def _sidecar(app: str, egress: list[int], ingress: tuple[int, int] | None) -> st
 
 
 async def _trace_with(rx: OtlpReceiver, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        for trace in rx.traces():
-            if len(trace["spans"]) >= count:
-                return list(trace["spans"])
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no trace with {count} spans: {rx.traces()}")
+    def found() -> list[dict[str, Any]] | None:
+        return next((list(t["spans"]) for t in rx.traces() if len(t["spans"]) >= count), None)
+
+    try:
+        return await poll(found, timeout=timeout, interval=0.05, what=f"a trace with {count} spans")
+    except TimeoutError:
+        raise AssertionError(f"no trace with {count} spans: {rx.traces()}") from None
 
 
 async def test_one_trace_across_two_hops_reaches_the_collector(tmp_path):
@@ -128,14 +128,18 @@ async def test_a_down_collector_drops_and_counts_spans_and_requests_succeed(tmp_
                 r = await c.request("GET", f"/r/{i}", HOST)
                 assert r.status == 200
             await c.close()
-            dropped = ""
-            for _ in range(200):
-                _, text = await px.admin_get("/stats/prometheus")
-                dropped = next(line for line in text.decode().splitlines()
-                               if line.startswith('pillion_spans_dropped_total{reason="export"}'))
-                if dropped.endswith(" 20"):
-                    break
-                await asyncio.sleep(0.05)
+            seen: dict[str, Any] = {}
+
+            async def all_dropped() -> bool:
+                _, body = await px.admin_get("/stats/prometheus")
+                seen["text"] = body
+                seen["dropped"] = next(line for line in body.decode().splitlines()
+                                       if line.startswith('pillion_spans_dropped_total{reason="export"}'))
+                return bool(seen["dropped"].endswith(" 20"))
+
+            with contextlib.suppress(TimeoutError):
+                await poll(all_dropped, timeout=10, interval=0.05)
+            dropped, text = seen["dropped"], seen["text"]
             assert dropped.endswith(" 20"), dropped
             assert 'pillion_spans_exported_total 0' in text.decode()
     assert all((req.header("traceparent") or "").endswith("-01") for req in app.requests)
