@@ -110,20 +110,8 @@ except TimeoutError:
     print("TIMEOUT")
 """
 
-WAIT_READY = """
-import sys, time, urllib.request
-deadline = time.monotonic() + float(sys.argv[2])
-while True:
-    try:
-        with urllib.request.urlopen(sys.argv[1], timeout=1) as r:
-            if r.status == 200:
-                break
-    except OSError:
-        pass
-    if time.monotonic() > deadline:
-        sys.exit("not ready: " + sys.argv[1])
-    time.sleep(0.05)
-"""
+# Readiness inside a namespace: the product's own `pillion wait` (it polls the sidecar's /ready).
+WAIT_READY = ("-m", "proxy", "wait", "--url", "http://127.0.0.1:15000/ready", "--timeout", "15")
 
 
 def wait_line(proc: subprocess.Popen[bytes], text: bytes, timeout: float = 10.0) -> None:
@@ -192,7 +180,7 @@ def test_two_sidecars_intercept_and_talk_mtls(workdir: Path) -> None:
         wait_line(app_b, b"ready")
         sidecars = {"a": start_sidecar(a, workdir, "a"), "b": start_sidecar(b, workdir, "b")}
         for name, ns in (("a", a), ("b", b)):
-            ready = ns.run(PY, "-c", WAIT_READY, "http://127.0.0.1:15000/ready", "15")
+            ready = ns.run(PY, *WAIT_READY, cwd=REPO)
             assert ready.returncode == 0, (ready.stderr, output(sidecars[name]))
 
         # The app's plain request crosses both sidecars, with mTLS between them.
@@ -269,7 +257,7 @@ def test_unknown_destinations_pass_through_on_ipv4_and_ipv6(workdir: Path) -> No
         sidecar = a.start(PY, "-m", "proxy", "proxy", "--intercept", "--config-dir", str(workdir / "cfg"),
                           "--labels", "app=a", "--no-watch", "--drain-seconds", "0.5",
                           uid=PROXY_UID, cwd=REPO, env=env)
-        ready = a.run(PY, "-c", WAIT_READY, "http://127.0.0.1:15000/ready", "15")
+        ready = a.run(PY, *WAIT_READY, cwd=REPO)
         assert ready.returncode == 0, (ready.stderr, output(sidecar))
         targets = [b.ip, *([b.ip6] if ipv6 else [])]
         for target in targets:

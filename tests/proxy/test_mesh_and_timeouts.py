@@ -11,8 +11,19 @@ from tests.helpers.net import ProxyHandle, RawClient, free_port, one_request, st
 from tests.helpers.upstreams import RecordingUpstream, TcpServer, UnacceptingListener
 
 
-def two_sidecar_mesh(egress_port: int, ingress_port: int, app_port: int) -> str:
-    """productpage's sidecar dials reviews (a WorkloadEntry) whose sidecar forwards to the app."""
+def two_sidecar_mesh(egress_port: int, ingress_port: int, app_port: int, *, mtls: bool = False) -> str:
+    """productpage's sidecar dials reviews (a WorkloadEntry) whose sidecar forwards to the app.
+
+    ``mtls``: the WorkloadEntry carries Istio's tlsMode label (auto mTLS) and a mesh-wide
+    PeerAuthentication makes every sidecar STRICT."""
+    tls_label = ", security.istio.io/tlsMode: istio" if mtls else ""
+    strict = """apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+---
+""" if mtls else ""
     return f"""\
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
@@ -30,10 +41,10 @@ metadata: {{name: reviews-v1, namespace: default}}
 spec:
   address: 127.0.0.1
   ports: {{http: {ingress_port}}}
-  labels: {{app: reviews, version: v1}}
+  labels: {{app: reviews, version: v1{tls_label}}}
   serviceAccount: reviews
 ---
-apiVersion: networking.istio.io/v1beta1
+{strict}apiVersion: networking.istio.io/v1beta1
 kind: Sidecar
 metadata: {{name: productpage, namespace: default}}
 spec:

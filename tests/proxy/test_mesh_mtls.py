@@ -22,58 +22,14 @@ from control.ca_service import (
 )
 from tests.helpers.net import RawClient, free_port, one_request, standalone_proxy
 from tests.helpers.upstreams import RecordingUpstream
+from tests.proxy.test_mesh_and_timeouts import two_sidecar_mesh
 
 HOST = "reviews.default.svc.cluster.local"
 
 
 def mesh_yaml(egress: int, ingress: int, app_port: int) -> str:
-    return f"""\
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [{HOST}]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: {egress}, name: http, protocol: HTTP}}]
-  workloadSelector: {{labels: {{app: reviews}}}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: WorkloadEntry
-metadata: {{name: reviews-v1, namespace: default}}
-spec:
-  address: 127.0.0.1
-  ports: {{http: {ingress}}}
-  labels: {{app: reviews, version: v1, security.istio.io/tlsMode: istio}}
-  serviceAccount: reviews
----
-apiVersion: security.istio.io/v1beta1
-kind: PeerAuthentication
-metadata: {{name: default, namespace: istio-system}}
-spec:
-  mtls: {{mode: STRICT}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: Sidecar
-metadata: {{name: productpage, namespace: default}}
-spec:
-  workloadSelector: {{labels: {{app: productpage}}}}
-  egress:
-  - port: {{number: {egress}, protocol: HTTP, name: http}}
-    bind: 127.0.0.1
-    captureMode: NONE
-    hosts: ["./*"]
----
-apiVersion: networking.istio.io/v1beta1
-kind: Sidecar
-metadata: {{name: reviews, namespace: default}}
-spec:
-  workloadSelector: {{labels: {{app: reviews}}}}
-  ingress:
-  - port: {{number: {ingress}, protocol: HTTP, name: http}}
-    bind: 127.0.0.1
-    defaultEndpoint: 127.0.0.1:{app_port}
-"""
+    """The two-sidecar mesh with auto mTLS and STRICT mesh-wide."""
+    return two_sidecar_mesh(egress, ingress, app_port, mtls=True)
 
 
 @pytest.fixture

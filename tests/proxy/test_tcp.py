@@ -219,16 +219,23 @@ class _BlockingSender(threading.Thread):
 
 
 async def _wait_for_stall(sender: _BlockingSender, timeout: float = 5.0) -> bool:
-    """Poll with a deadline until the sender makes no progress for 200 ms (False: it never stopped)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last, still = -1, 0
-    while still < 4 and loop.time() < deadline:
-        await asyncio.sleep(0.05)
+    """True once the sender has made no progress over four checks 50 ms apart (False: it never stopped).
+
+    A stall is the absence of progress, so it can only be observed over time: this is a
+    quiescence window, polled with a deadline, not a wait for something to happen.
+    """
+    state = {"last": -1, "still": 0}
+
+    def stalled() -> bool:
         cur = sender.sent
-        still = still + 1 if cur == last else 0
-        last = cur
-    return still >= 4
+        state["still"] = state["still"] + 1 if cur == state["last"] else 0
+        state["last"] = cur
+        return state["still"] >= 4
+
+    try:
+        return await poll(stalled, timeout=timeout, interval=0.05, what="the sender to stall")
+    except TimeoutError:
+        return False
 
 
 TOTAL = 50 * 1024 * 1024
