@@ -95,21 +95,151 @@ class HashPolicy:
 # [lb] end
 
 
+# ---- [traffic] route extras: RouteMatch.query_parameters, header mutation, rewrite, redirect,
+# direct response, mirror, fault (envoy.filters.http.fault per route), retry policy.
+@dataclass(frozen=True, slots=True)
+class QueryMatch:
+    """RouteMatch.query_parameters[]: ``name`` must be present and its value match (PRESENT: any)."""
+
+    name: bytes
+    kind: StringKind
+    value: bytes = b""
+    regex: re.Pattern[bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOp:
+    """One request/response header to add: ``append`` False overwrites an existing value
+    (Envoy's OVERWRITE_IF_EXISTS_OR_ADD), True adds another (APPEND_IF_EXISTS_OR_ADD)."""
+
+    name: bytes  # lowercased
+    value: bytes
+    append: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMutation:
+    """Route-level request_headers_to_add/remove and response_headers_to_add/remove
+    (the virtual host's are merged in by the compiler: route first, as Envoy orders them)."""
+
+    request_add: tuple[HeaderOp, ...] = ()
+    request_remove: tuple[bytes, ...] = ()
+    response_add: tuple[HeaderOp, ...] = ()
+    response_remove: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """RouteAction prefix_rewrite / regex_rewrite / host_rewrite_literal."""
+
+    prefix: bytes | None = None  # replaces the matched route prefix (PathKind.PREFIX routes)
+    regex: re.Pattern[bytes] | None = None  # regex_rewrite.pattern, applied to the path without query
+    substitution: bytes = b""  # regex_rewrite.substitution (\1-style groups already converted)
+    host: bytes | None = None  # host_rewrite_literal: the new Host / :authority
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Route.redirect: answered locally, never sent upstream."""
+
+    status: int = 301  # MOVED_PERMANENTLY 301, FOUND 302, SEE_OTHER 303, TEMPORARY 307, PERMANENT 308
+    scheme: bytes | None = None  # scheme_redirect / https_redirect
+    host: bytes | None = None  # host_redirect
+    port: int = 0  # port_redirect; 0 keeps the request's
+    path: bytes | None = None  # path_redirect (replaces the whole path; the query is kept unless strip_query)
+    prefix: bytes | None = None  # prefix_rewrite
+    strip_query: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """RouteAction.request_mirror_policies[]: a copy of the request goes to ``cluster`` for
+    ``percent`` of requests; its response is discarded; the Host gets a "-shadow" suffix."""
+
+    cluster: str
+    percent: float = 100.0  # 0-100
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """envoy.filters.http.fault's per-route HTTPFault: a fixed delay and/or an abort."""
+
+    delay: float = 0.0  # seconds; 0: none
+    delay_percent: float = 0.0  # 0-100
+    abort_status: int = 0  # HTTP status of the abort; 0: none (or gRPC below)
+    abort_grpc: int | None = None  # abort.grpc_status: trailers-only gRPC reply with this code
+    abort_percent: float = 0.0
+
+
+# RetryPolicy.retry_on, as bits (Envoy's names); the compiler maps the comma-separated string.
+RETRY_5XX = 1 << 0  # "5xx": any 5xx response, and reset / connect-failure
+RETRY_GATEWAY = 1 << 1  # "gateway-error": 502, 503, 504, and reset / connect-failure
+RETRY_RESET = 1 << 2  # "reset": no response (disconnect, reset, read timeout)
+RETRY_CONNECT = 1 << 3  # "connect-failure"
+RETRY_REFUSED = 1 << 4  # "refused-stream": the upstream refused the stream (HTTP/2 REFUSED_STREAM)
+RETRY_4XX = 1 << 5  # "retriable-4xx": 409
+RETRY_STATUS = 1 << 6  # "retriable-status-codes": RetryPolicy.retriable_status_codes
+RETRY_GRPC_CANCELLED = 1 << 7  # gRPC status 1
+RETRY_GRPC_DEADLINE = 1 << 8  # "deadline-exceeded": 4
+RETRY_GRPC_RESOURCE = 1 << 9  # "resource-exhausted": 8
+RETRY_GRPC_UNAVAILABLE = 1 << 10  # "unavailable": 14
+RETRY_GRPC_INTERNAL = 1 << 11  # "internal": 13
+RETRY_ON_NAMES = {
+    "5xx": RETRY_5XX, "gateway-error": RETRY_GATEWAY, "reset": RETRY_RESET, "connect-failure": RETRY_CONNECT,
+    "refused-stream": RETRY_REFUSED, "retriable-4xx": RETRY_4XX, "retriable-status-codes": RETRY_STATUS,
+    "cancelled": RETRY_GRPC_CANCELLED, "deadline-exceeded": RETRY_GRPC_DEADLINE,
+    "resource-exhausted": RETRY_GRPC_RESOURCE, "unavailable": RETRY_GRPC_UNAVAILABLE, "internal": RETRY_GRPC_INTERNAL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """RouteAction.retry_policy. Envoy's defaults: backoff 25 ms base, 10x max; jittered."""
+
+    retry_on: int  # RETRY_* bits
+    num_retries: int = 1  # Envoy's default when retry_policy is present
+    per_try_timeout: float = 0.0  # seconds; 0: the route timeout bounds all tries together
+    retriable_status: frozenset[int] = frozenset()
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
+    other_host: bool = False  # retry_host_predicate previous_hosts: prefer a host not tried yet
+    host_selection_attempts: int = 1  # host_selection_retry_max_attempts
+# ---- [traffic] end
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A compiled route: match conditions and the one action this issue supports."""
+    """A compiled route: match conditions and one action (route, redirect or direct response)."""
 
     name: str
     path_kind: PathKind
     path: bytes
     path_regex: re.Pattern[bytes] | None
-    headers: tuple[HeaderMatch, ...]
+    headers: tuple[HeaderMatch, ...]  # may name ":method", ":authority", ":scheme" (Envoy's pseudo-headers)
     # Action: either a single cluster or a weighted set (cumulative weights).
     cluster: str
     weighted: tuple[WeightedCluster, ...] = ()
     total_weight: int = 0
     timeout: float = 15.0  # seconds; 0 disables (Envoy's RouteAction.timeout semantics)
     hash_policy: tuple[HashPolicy, ...] = ()  # [lb] empty: the request carries no hash key
+    # [traffic] everything below is off by default and costs one attribute check when off
+    query: tuple[QueryMatch, ...] = ()
+    case_sensitive: bool = True  # RouteMatch.case_sensitive (prefix/path only, as Envoy)
+    redirect: Redirect | None = None  # set: this route answers locally with a redirect
+    direct: DirectResponse | None = None  # set: this route answers locally with this response
+    rewrite: Rewrite | None = None
+    mutation: HeaderMutation | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    fault: Fault | None = None
+    retry: RetryPolicy | None = None
+    grpc_timeout: bool = False  # max_stream_duration.grpc_timeout_header_max set: grpc-timeout bounds the route
+    grpc_timeout_max: float = 0.0  # its value; 0: no cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +345,49 @@ class Cluster:
     original_dst: bool = False
     original_dst_tls: TlsClient | None = None
     ring_size: int = 1024  # [lb] RING_HASH: ring_hash_lb_config.minimum_ring_size (Envoy's default 1024)
+    # [traffic] circuit_breakers (default priority), max_requests_per_connection, outlier_detection
+    limits: CircuitBreakers = field(default_factory=lambda: DEFAULT_LIMITS)
+    max_requests_per_connection: int = 0  # 0: unlimited
+    idle_timeout: float = 3600.0  # upstream connections idle this long are closed (0: never)
+    outlier: OutlierDetection | None = None
+    # [http2] how requests are sent upstream: HTTP/1.1, or HTTP/2 (prior knowledge over plaintext,
+    # ALPN "h2" over TLS): typed_extension_protocol_options envoy.extensions.upstreams.http.v3.
+    # "use_downstream": the protocol the client spoke (Istio's useClientProtocol).
+    http2: bool = False
+    use_downstream_protocol: bool = False
+    h2_max_concurrent_streams: int = 1024  # our own cap per upstream connection (the peer's SETTINGS may lower it)
+
+
+# [traffic] Cluster.circuit_breakers.thresholds[DEFAULT] and outlier_detection.
+@dataclass(frozen=True, slots=True)
+class CircuitBreakers:
+    """Envoy's defaults: 1024 connections, pending requests and requests, 3 retries."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+    budget_percent: float | None = None  # retry_budget: retries allowed as % of active requests
+    min_retry_concurrency: int = 3  # retry_budget.min_retry_concurrency
+
+
+DEFAULT_LIMITS = CircuitBreakers()
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """The consecutive-errors detectors of Envoy's outlier detection (success rate is not implemented)."""
+
+    consecutive_5xx: int = 5
+    enforcing_5xx: int = 100  # percent
+    consecutive_gateway: int = 5
+    enforcing_gateway: int = 0  # Envoy's default: gateway errors are counted, not enforced
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10
+    split_local_origin: bool = False  # False: connect failures and resets count as 5xx (as 503s)
+# [traffic] end
 
 
 # [accesslog] where and how a listener logs each request / connection (HCM and tcp_proxy
@@ -255,12 +428,21 @@ class HttpSettings:
     policy: HttpPolicy | None = None
     access_log: AccessLog | None = None  # [accesslog]
     tracing: TraceSettings | None = None  # [tracing] None: requests pay one attribute check
+    # [http2] codec_type: "AUTO" (HTTP/1.1, or HTTP/2 by ALPN h2 / the h2c preface), "HTTP1", "HTTP2"
+    codec: str = "AUTO"
+    h2_max_concurrent_streams: int = 100  # http2_protocol_options.max_concurrent_streams (ours: 100)
+    h2_initial_stream_window: int = 1 << 20  # initial_stream_window_size
+    h2_initial_connection_window: int = 1 << 20  # initial_connection_window_size
+    h2_max_resets_per_interval: int = 200  # rapid-reset protection: RST_STREAMs tolerated per interval
+    h2_reset_interval: float = 1.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
 class TcpSettings:
     stat_prefix: str
     cluster: str
+    weighted: tuple[WeightedCluster, ...] = ()  # [traffic] tcp_proxy weighted_clusters (cluster: the first)
+    total_weight: int = 0
     idle_timeout: float = 3600.0  # Envoy's tcp_proxy default: 1h; 0 disables
     # Network RBAC filters before tcp_proxy, evaluated once when a connection is accepted.
     rbac: tuple[RbacFilter, ...] = ()
