@@ -330,34 +330,6 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class Cluster:
-    name: str
-    endpoints: tuple[Endpoint, ...]
-    connect_timeout: float = 10.0
-    lb_policy: str = "ROUND_ROBIN"  # [lb] ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH (CLUSTER_PROVIDED: ORIGINAL_DST)
-    # Istio-style identity of the destination, for metrics labels.
-    service: str = ""
-    direction: Direction = Direction.OUTBOUND
-    # ORIGINAL_DST: no endpoints of its own; traffic goes where the app sent it, the
-    # original destination of the intercepted connection (an explicit listener has
-    # none: 503 UH / connection closed). ``original_dst_tls``: how to dial it.
-    original_dst: bool = False
-    original_dst_tls: TlsClient | None = None
-    ring_size: int = 1024  # [lb] RING_HASH: ring_hash_lb_config.minimum_ring_size (Envoy's default 1024)
-    # [traffic] circuit_breakers (default priority), max_requests_per_connection, outlier_detection
-    limits: CircuitBreakers = field(default_factory=lambda: DEFAULT_LIMITS)
-    max_requests_per_connection: int = 0  # 0: unlimited
-    idle_timeout: float = 3600.0  # upstream connections idle this long are closed (0: never)
-    outlier: OutlierDetection | None = None
-    # [http2] how requests are sent upstream: HTTP/1.1, or HTTP/2 (prior knowledge over plaintext,
-    # ALPN "h2" over TLS): typed_extension_protocol_options envoy.extensions.upstreams.http.v3.
-    # "use_downstream": the protocol the client spoke (Istio's useClientProtocol).
-    http2: bool = False
-    use_downstream_protocol: bool = False
-    h2_max_concurrent_streams: int = 1024  # our own cap per upstream connection (the peer's SETTINGS may lower it)
-
-
 # [traffic] Cluster.circuit_breakers.thresholds[DEFAULT] and outlier_detection.
 @dataclass(frozen=True, slots=True)
 class CircuitBreakers:
@@ -388,6 +360,34 @@ class OutlierDetection:
     max_ejection_percent: int = 10
     split_local_origin: bool = False  # False: connect failures and resets count as 5xx (as 503s)
 # [traffic] end
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout: float = 10.0
+    lb_policy: str = "ROUND_ROBIN"  # [lb] ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH (CLUSTER_PROVIDED: ORIGINAL_DST)
+    # Istio-style identity of the destination, for metrics labels.
+    service: str = ""
+    direction: Direction = Direction.OUTBOUND
+    # ORIGINAL_DST: no endpoints of its own; traffic goes where the app sent it, the
+    # original destination of the intercepted connection (an explicit listener has
+    # none: 503 UH / connection closed). ``original_dst_tls``: how to dial it.
+    original_dst: bool = False
+    original_dst_tls: TlsClient | None = None
+    ring_size: int = 1024  # [lb] RING_HASH: ring_hash_lb_config.minimum_ring_size (Envoy's default 1024)
+    # [traffic] circuit_breakers (default priority), max_requests_per_connection, outlier_detection
+    limits: CircuitBreakers = field(default_factory=lambda: DEFAULT_LIMITS)
+    max_requests_per_connection: int = 0  # 0: unlimited
+    idle_timeout: float = 3600.0  # upstream connections idle this long are closed (0: never)
+    outlier: OutlierDetection | None = None
+    # [http2] how requests are sent upstream: HTTP/1.1, or HTTP/2 (prior knowledge over plaintext,
+    # ALPN "h2" over TLS): typed_extension_protocol_options envoy.extensions.upstreams.http.v3.
+    # "use_downstream": the protocol the client spoke (Istio's useClientProtocol).
+    http2: bool = False
+    use_downstream_protocol: bool = False
+    h2_max_concurrent_streams: int = 1024  # our own cap per upstream connection (the peer's SETTINGS may lower it)
 
 
 # [accesslog] where and how a listener logs each request / connection (HCM and tcp_proxy
