@@ -17,6 +17,7 @@ class ProxyError(Exception):
     flag: str = ""
     grpc_status: int = 13  # INTERNAL
     body: bytes = b""
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # extra response headers (a redirect's location)
 
 
 class DownstreamProtocolError(ProxyError):
@@ -116,6 +117,44 @@ class RequestTimeoutError(ProxyError):
     flag = "UT"
     grpc_status = 4  # DEADLINE_EXCEEDED
     body = b"upstream request timeout"
+
+
+class PerTryTimeoutError(RequestTimeoutError):
+    """A retry policy's per_try_timeout expired and no retry was left (UT)."""
+
+
+class RefusedStreamError(UpstreamResetError):
+    """The HTTP/2 upstream refused the stream (REFUSED_STREAM): nothing was processed (UR)."""
+
+    body = b"upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset"
+
+
+class LocalAnswer(ProxyError):
+    """A route that answers by itself: a direct response or a redirect (no response flag)."""
+
+    def __init__(self, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.grpc_status = 0 if status < 400 else 2
+
+
+class FaultAbortError(ProxyError):
+    """envoy.filters.http.fault aborted the request (FI): an HTTP status, or a gRPC status."""
+
+    flag = "FI"
+    body = b"fault filter abort"
+
+    def __init__(self, status: int, grpc_status: int | None = None) -> None:
+        super().__init__(status)
+        self.status = status or 200  # a gRPC abort answers 200 with grpc-status, as Envoy does
+        self.grpc_status = grpc_status if grpc_status is not None else _grpc_of_http(status)
+
+
+def _grpc_of_http(status: int) -> int:
+    """The gRPC status for an HTTP status (the gRPC HTTP-to-gRPC status mapping)."""
+    return {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}.get(status, 2)
 
 
 class UpstreamOverflowError(ProxyError):

@@ -29,6 +29,7 @@ from proxy.errors import DownstreamProtocolError, HeadersTooLargeError, ProxyErr
 from proxy.model import Listener
 from proxy.stats import ListenerStats
 from proxy.stream import Stream
+from proxy.stream_h1 import H1Stream
 from proxy.tls import Peer, peer_of, sans_allowed
 
 if TYPE_CHECKING:
@@ -44,6 +45,11 @@ _REASONS = {
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 501: b"Not Implemented",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
+
+
+def _grpc_message(err: ProxyError) -> bytes:
+    """grpc-message is percent-encoded (the gRPC HTTP/2 protocol spec)."""
+    return err.body.replace(b"%", b"%25").replace(b"\r", b"%0D").replace(b"\n", b"%0A")
 
 
 class HttpConnection(asyncio.Protocol):
@@ -93,13 +99,13 @@ class HttpConnection(asyncio.Protocol):
         self._closing = False  # close once the active response is written
         self._eof = False
         self._tunnel: UpstreamConnection | None = None
-        self._upgrading: Stream | None = None  # an Upgrade request waiting for its 101
+        self._upgrading: H1Stream | None = None  # an Upgrade request waiting for its 101
         self._deferred_error: ProxyError | None = None  # a parse error behind a request still being served
         self._idle_tick = ctx.tick
         # per-request
-        self._parsing: Stream | None = None  # the request httptools is filling
-        self._active: Stream | None = None  # the request whose response is being produced
-        self._pending: deque[Stream] = deque()  # pipelined requests waiting their turn
+        self._parsing: H1Stream | None = None  # the request httptools is filling
+        self._active: H1Stream | None = None  # the request whose response is being produced
+        self._pending: deque[H1Stream] = deque()  # pipelined requests waiting their turn
         self._hbytes = 0
 
     # ------------------------------------------------------------------ asyncio
@@ -212,7 +218,7 @@ class HttpConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ httptools
     def on_message_begin(self) -> None:
         self._hbytes = 0
-        st = Stream(self, self.ctx)
+        st = H1Stream(self, self.ctx)
         self._parsing = st
         if self._active is not None:
             # Pipelined request while another is active: stop reading more.
@@ -265,7 +271,7 @@ class HttpConnection(asyncio.Protocol):
             st.request_complete()
 
     # ------------------------------------------------------------------ streams
-    def _activate(self, st: Stream) -> None:
+    def _activate(self, st: H1Stream) -> None:
         self._active = st
         try:
             st.start()
@@ -342,6 +348,7 @@ class HttpConnection(asyncio.Protocol):
 
     def local_reply(self, st: Stream | None, err: ProxyError) -> None:
         """The one place a request is answered by the proxy itself."""
+        assert st is None or isinstance(st, H1Stream)
         self.ctx.stats.count_local_reply(err.flag)
         close = self._closing or st is None or st.upgrade or not st.keep_alive
         if st is not None and not st.req_complete and (st.expect_continue or st.large_body()):
@@ -354,11 +361,20 @@ class HttpConnection(asyncio.Protocol):
             return
         status = err.status
         body = b"" if st is not None and st.method == b"HEAD" else err.body
-        head = [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")),
-            b"content-length: %d\r\n" % len(err.body),
-            b"content-type: text/plain\r\n",
-        ]
+        if st is not None and st.grpc:
+            # gRPC clients get a trailers-only answer: 200 with grpc-status (as Envoy does)
+            body = b""
+            head = [b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncontent-type: application/grpc\r\n",
+                    b"grpc-status: %d\r\n" % err.grpc_status, b"grpc-message: ", _grpc_message(err), b"\r\n"]
+        else:
+            head = [
+                b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")),
+                b"content-length: %d\r\n" % len(body if st is None or st.method != b"HEAD" else err.body),
+            ]
+            if err.body:
+                head.append(b"content-type: text/plain\r\n")
+        for name, value in err.headers:
+            head += (name, b": ", value, b"\r\n")
         if err.flag:
             head.append(b"x-pillion-flags: " + err.flag.encode() + b"\r\n")
         if close:

@@ -441,12 +441,12 @@ class HttpSettings:
 class TcpSettings:
     stat_prefix: str
     cluster: str
-    weighted: tuple[WeightedCluster, ...] = ()  # [traffic] tcp_proxy weighted_clusters (cluster: the first)
-    total_weight: int = 0
     idle_timeout: float = 3600.0  # Envoy's tcp_proxy default: 1h; 0 disables
     # Network RBAC filters before tcp_proxy, evaluated once when a connection is accepted.
     rbac: tuple[RbacFilter, ...] = ()
     access_log: AccessLog | None = None  # [accesslog]
+    weighted: tuple[WeightedCluster, ...] = ()  # [traffic] tcp_proxy weighted_clusters (cluster: the first)
+    total_weight: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from proxy.model import PathKind, Route, RouteTable, VirtualHost
+from proxy.model import PathKind, QueryMatch, Route, RouteTable, StringKind, VirtualHost
 
 
 def find_virtual_host(table: RouteTable, host: bytes) -> VirtualHost | None:
@@ -36,21 +36,26 @@ def find_virtual_host(table: RouteTable, host: bytes) -> VirtualHost | None:
 
 
 def match_route(
-    vh: VirtualHost, path: bytes, headers: Mapping[bytes, bytes]
+    vh: VirtualHost, path: bytes, headers: Mapping[bytes, bytes], method: bytes = b"GET", host: bytes = b"",
+    scheme: bytes = b"http",
 ) -> Route | None:
-    """``path`` is the raw request target; ``headers`` maps lowercased names to values."""
+    """``path`` is the raw request target; ``headers`` maps lowercased names to values.
+
+    Header matchers may name the pseudo-headers ``:method``, ``:authority`` and
+    ``:scheme`` (as Envoy's do); they read ``method``, ``host`` and ``scheme``."""
     bare: bytes | None = None
     for route in vh.routes:
         kind = route.path_kind
         if kind is PathKind.PREFIX:
-            if not path.startswith(route.path):
+            if not path.startswith(route.path) and (
+                    route.case_sensitive or not path.lower().startswith(route.path.lower())):
                 continue
         else:
             if bare is None:
                 q = path.find(b"?")
                 bare = path if q < 0 else path[:q]
             if kind is PathKind.EXACT:
-                if bare != route.path:
+                if bare != route.path and (route.case_sensitive or bare.lower() != route.path.lower()):
                     continue
             else:
                 assert route.path_regex is not None
@@ -59,13 +64,52 @@ def match_route(
         if route.headers:
             ok = True
             for hm in route.headers:
-                if not hm.matches(headers.get(hm.name)):
+                name = hm.name
+                if name[:1] == b":":
+                    value: bytes | None = (method if name == b":method" else host if name == b":authority"
+                                           else scheme if name == b":scheme" else headers.get(name))
+                else:
+                    value = headers.get(name)
+                if not hm.matches(value):
                     ok = False
                     break
             if not ok:
                 continue
+        if route.query and not _query_matches(route.query, path):
+            continue
         return route
     return None
+
+
+def _query_matches(conditions: tuple[QueryMatch, ...], path: bytes) -> bool:
+    q = path.find(b"?")
+    params: dict[bytes, bytes] = {}
+    if q >= 0:
+        for pair in path[q + 1:].split(b"&"):
+            name, _, value = pair.partition(b"=")
+            params.setdefault(name, value)  # the first occurrence, as Envoy
+    for cond in conditions:
+        got = params.get(cond.name)
+        if got is None:
+            return False
+        value = got
+        kind = cond.kind
+        if kind is StringKind.EXACT:
+            ok = value == cond.value
+        elif kind is StringKind.PREFIX:
+            ok = value.startswith(cond.value)
+        elif kind is StringKind.SUFFIX:
+            ok = value.endswith(cond.value)
+        elif kind is StringKind.CONTAINS:
+            ok = cond.value in value
+        elif kind is StringKind.REGEX:
+            assert cond.regex is not None
+            ok = cond.regex.fullmatch(value) is not None
+        else:
+            ok = True
+        if not ok:
+            return False
+    return True
 
 
 def pick_cluster(route: Route, rand: float) -> str:

@@ -50,9 +50,37 @@ class ClusterStats:
     """Everything counted about one upstream cluster in one worker."""
 
     __slots__ = (
-        "classes", "cx_active", "cx_connect_fail", "cx_connect_timeout", "cx_total",
-        "direction", "name", "rq_active", "rq_reset", "rq_timeout", "rq_total", "service",
-        "tcp_closed", "tcp_opened", "tcp_received", "tcp_sent",
+        "classes",
+        "cx_active",
+        "cx_connect_fail",
+        "cx_connect_timeout",
+        # [traffic] retries, circuit breakers, outlier detection, faults, mirrors
+        "cx_connecting",
+        "cx_overflow",
+        "cx_total",
+        "direction",
+        "ejections_active",
+        "ejections_total",
+        "fault_aborts",
+        "fault_delays",
+        "name",
+        "rq_active",
+        "rq_mirrored",
+        "rq_overflow",
+        "rq_pending_active",
+        "rq_pending_overflow",
+        "rq_per_try_timeout",
+        "rq_reset",
+        "rq_retry",
+        "rq_retry_overflow",
+        "rq_retry_success",
+        "rq_timeout",
+        "rq_total",
+        "service",
+        "tcp_closed",
+        "tcp_opened",
+        "tcp_received",
+        "tcp_sent",
     )
 
     def __init__(self, name: str, service: str, direction: str) -> None:
@@ -74,6 +102,21 @@ class ClusterStats:
         self.tcp_closed = 0
         self.tcp_sent = 0  # bytes sent to the downstream client (Istio: response direction)
         self.tcp_received = 0  # bytes received from the downstream client
+        # [traffic]
+        self.cx_connecting = 0  # connections being opened (count against max_connections)
+        self.cx_overflow = 0  # max_connections reached: a request had to wait (upstream_cx_overflow)
+        self.rq_pending_active = 0  # requests waiting for a connection
+        self.rq_pending_overflow = 0  # max_pending_requests reached: 503 UO
+        self.rq_overflow = 0  # max_requests reached: 503 UO
+        self.rq_retry = 0
+        self.rq_retry_success = 0
+        self.rq_retry_overflow = 0  # a retry the budget / max_retries refused
+        self.rq_per_try_timeout = 0
+        self.ejections_total = 0  # outlier_detection.ejections_enforced_total
+        self.ejections_active = 0
+        self.fault_delays = 0
+        self.fault_aborts = 0
+        self.rq_mirrored = 0
 
     def record_request(self, code: int, flags: str, duration_ms: float, req_bytes: int, resp_bytes: int,
                        mtls: bool = False, peer: str = "") -> None:
@@ -91,7 +134,10 @@ class ClusterStats:
             k: getattr(self, k)
             for k in ("rq_total", "rq_active", "rq_timeout", "rq_reset", "cx_total", "cx_active",
                       "cx_connect_fail", "cx_connect_timeout", "tcp_opened", "tcp_closed",
-                      "tcp_sent", "tcp_received")
+                      "tcp_sent", "tcp_received",
+                      "cx_overflow", "rq_pending_active", "rq_pending_overflow", "rq_overflow", "rq_retry",
+                      "rq_retry_success", "rq_retry_overflow", "rq_per_try_timeout", "ejections_total",
+                      "ejections_active", "fault_delays", "fault_aborts", "rq_mirrored")
         }
         out["service"] = self.service
         out["direction"] = self.direction
@@ -304,6 +350,19 @@ def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra:
         ("envoy_cluster_upstream_cx_active", "cx_active", "gauge"),
         ("envoy_cluster_upstream_cx_connect_fail", "cx_connect_fail", "counter"),
         ("envoy_cluster_upstream_cx_connect_timeout", "cx_connect_timeout", "counter"),
+        ("envoy_cluster_upstream_cx_overflow", "cx_overflow", "counter"),
+        ("envoy_cluster_upstream_rq_pending_active", "rq_pending_active", "gauge"),
+        ("envoy_cluster_upstream_rq_pending_overflow", "rq_pending_overflow", "counter"),
+        ("envoy_cluster_upstream_rq_overflow", "rq_overflow", "counter"),
+        ("envoy_cluster_upstream_rq_retry", "rq_retry", "counter"),
+        ("envoy_cluster_upstream_rq_retry_success", "rq_retry_success", "counter"),
+        ("envoy_cluster_upstream_rq_retry_overflow", "rq_retry_overflow", "counter"),
+        ("envoy_cluster_upstream_rq_per_try_timeout", "rq_per_try_timeout", "counter"),
+        ("envoy_cluster_outlier_detection_ejections_enforced_total", "ejections_total", "counter"),
+        ("envoy_cluster_outlier_detection_ejections_active", "ejections_active", "gauge"),
+        ("envoy_cluster_fault_delays_injected", "fault_delays", "counter"),
+        ("envoy_cluster_fault_aborts_injected", "fault_aborts", "counter"),
+        ("envoy_cluster_upstream_rq_mirrored", "rq_mirrored", "counter"),
     ):
         family(metric, kind, f"Envoy-compatible cluster statistic {field}.")
         for cname, c in sorted(clusters.items()):

@@ -1,65 +1,50 @@
-"""One HTTP/1.1 request/response exchange: validate, route, relay.
+"""One request/response exchange, whatever the codecs: route, try, retry, relay.
 
-A ``Stream`` is created per request by ``hcm.HttpConnection``. It checks the
-request head, builds the head sent upstream (hop-by-hop headers removed,
-x-forwarded-for / x-forwarded-proto / x-request-id added), routes it on the
-snapshot current at that moment, picks an endpoint, checks out or opens an
-upstream connection, and then relays both bodies, re-framing them where the
-two sides disagree (chunked vs. length vs. close-delimited, HTTP/1.0
-clients). Failures become a ``ProxyError`` handed to the connection's
-``local_reply``, the one rescue point.
+A ``Stream`` is the protocol-neutral core of a request (STYLE.md 2.2 steps
+4-10). The downstream codec's subclass (``stream_h1.H1Stream``, the HTTP/2
+one) parses the head into ``method``/``host``/``path``/``hdrs`` and builds the
+HTTP/1.1 request head in ``out[0]``, the one form of the forwarded request
+(rewrites, policy and header mutations edit it; an HTTP/2 upstream converts
+it). The subclass also writes the response in its own framing through the
+``emit_*`` hooks. This class does the rest: routing on the snapshot current
+at that moment, local answers (redirect, direct response, fault abort), the
+fault delay, circuit breakers, endpoint choice, the attempt on a pooled
+upstream connection, per-try and route timeouts, retries with backoff and a
+budget, mirroring, outlier-detection outcomes, and the records (stats, span,
+access log).
 
-It must not write to the downstream transport itself (it queues through the
-connection) and must not touch protobuf or YAML: everything it reads is a
-``model`` object.
+Failures become a ``ProxyError`` handed to the connection's ``local_reply``,
+the one rescue point. Nothing here touches protobuf or YAML.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from proxy import tracing  # [tracing]
+from proxy import resilience, tracing  # [tracing]
 from proxy.accesslog import HTTP as HTTP_RECORD  # [accesslog]
 from proxy.cluster import ClusterRuntime
 from proxy.context import Context
 from proxy.errors import (
     ClusterNotFoundError,
-    DownstreamProtocolError,
-    NoHealthyUpstreamError,
+    FaultAbortError,
+    LocalAnswer,
     NoRouteError,
-    NotImplementedCodingError,
     ProxyError,
-    RequestTimeoutError,
-    UpstreamResetError,
+    RefusedStreamError,
+    UpstreamOverflowError,
 )
-from proxy.lb import request_hash
-from proxy.model import AccessLog, Endpoint, TlsClient  # [accesslog]
+from proxy.forwarder import Forwarder
+from proxy.model import AccessLog, Endpoint, Route, TlsClient  # [accesslog]
 from proxy.policy import authorize_request
+from proxy.route_edit import edit_request_head, edit_response_headers, redirect_location
 from proxy.router import find_virtual_host, match_route, pick_cluster
-from proxy.tls import Peer
-from proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from proxy.hcm import HttpConnection
 
 HIGH_WATER = 64 * 1024
-
-# Request headers that are not forwarded as received (RFC 9110 section 7.6.1,
-# plus the ones this proxy rewrites itself).
-_REQ_SPECIAL = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
-    b"trailer", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-client-cert",
-})
-_RESP_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
-    b"trailer", b"content-length",
-})
-_REQ_TRACED = _REQ_SPECIAL | tracing.tc.REWRITTEN  # [tracing] the upstream gets our context instead
-_KNOWN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
-_STATUS_LINES = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
-
-_MODE_NONE, _MODE_LENGTH, _MODE_CHUNKED, _MODE_EOF = 0, 1, 2, 3
 
 
 def _request_id(bits: int) -> bytes:
@@ -82,16 +67,9 @@ def _upstream_identity(tls: TlsClient | None) -> tuple[bool, str]:
 # [accesslog] end
 
 
-class Stream:
+class Stream(Forwarder):
     __slots__ = (
-        "buffered", "close_after", "cluster", "conn", "connect_task", "ctx", "done", "expect_continue",
-        "flags", "hdrs", "host", "http10", "keep_alive", "method", "mode", "out", "path", "raw_headers",
-        "req_bytes", "req_chunked", "req_complete", "resp_bytes", "resp_eof_delimited", "response_started",
-        "sent_any",
-        "span",  # [tracing]
-        "status", "t0", "timeout", "timer", "upgrade", "upgrade_rest", "upstream",
-        "upstream_host", "upstream_tls",  # [accesslog]
-        "url",
+        "close_after", "cluster", "conn", "ctx", "done", "expect_continue", "flags", "grpc", "hdrs", "host", "http10", "keep_alive", "method", "path", "raw_headers", "req_bytes", "req_chunked", "req_complete", "resp_bytes", "route", "scheme", "span", "t0", "url",
     )
 
     def __init__(self, conn: HttpConnection, ctx: Context) -> None:
@@ -101,144 +79,93 @@ class Stream:
         self.url = b""
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.method = b""
+        self.scheme = b"http"
         self.http10 = False
         self.keep_alive = True
-        self.upgrade = False
-        self.upgrade_rest: bytes | None = None
         self.hdrs: dict[bytes, bytes] = {}
         self.host = b""
         self.path = b""
+        self.grpc = False  # content-type application/grpc: local replies are gRPC trailers-only
         self.expect_continue = False
-        self.req_chunked = False
+        self.req_chunked = False  # the HTTP/1.1 upstream gets a chunked body
         self.req_complete = False
         self.req_bytes = 0
         # upstream side
-        self.out: list[bytes] = []
+        self.out: list[bytes] = []  # bytes for the upstream not yet written; out[0] is the head until sent
         self.buffered = 0
         self.sent_any = False
+        self.end_sent = False  # [http2] END_STREAM sent on an HTTP/2 upstream stream
+        self.up_h2 = False  # [http2] this request goes upstream over HTTP/2
+        self.route: Route | None = None
         self.cluster: ClusterRuntime | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.connect_task: asyncio.Task[None] | None = None
+        self.upstream: Any = None  # UpstreamConnection, or an HTTP/2 upstream stream
+        self.pool: Any = None
+        self.waiting = False  # waiting for a pooled connection (a pending request)
         self.timeout = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.t0 = 0.0  # loop time when routing began
         self.span: tracing.ActiveSpan | None = None  # [tracing] set when sampled
         self.upstream_host: Endpoint | None = None  # [accesslog] the endpoint picked (formatted off the path)
         self.upstream_tls: TlsClient | None = None  # [accesslog] how it is dialled (Istio metric labels)
+        # [traffic] retries and mirrors
+        self.attempt = 0
+        self.keep: list[bytes] | None = None  # everything written upstream, while a retry or mirror may need it
+        self.keep_bytes = 0
+        self.tried: list[Endpoint] | None = None
+        self.try_timer: asyncio.TimerHandle | None = None
+        self.in_retry = False  # this attempt is a retry (counted in the cluster's retries in flight)
+        self.host_open = False  # an attempt on ``upstream_host`` is in flight (LEAST_REQUEST counts it)
         # response
         self.response_started = False
         self.status = 0
         self.flags = ""
-        self.mode = _MODE_NONE
-        self.resp_eof_delimited = False
         self.resp_bytes = 0
         self.close_after = False
         self.done = False
 
-    # ------------------------------------------------------------------ request head
-    def prepare(self) -> None:
-        """Validate the head and build the bytes sent upstream. Raises DownstreamProtocolError."""
-        url = self.url
-        absolute = url[:1] != b"/"
-        if absolute:
-            url = self._origin_form(url)
-        self.path = url
-        hdrs = self.hdrs
-        parts = [self.method, b" ", url, b" HTTP/1.1\r\n"]
-        traced = self.conn.listener.http.tracing  # type: ignore[union-attr]  # [tracing]
-        special = _REQ_SPECIAL if traced is None else _REQ_TRACED  # [tracing]
-        for name, value in self.raw_headers:
-            lname = name.lower()
-            prev = hdrs.get(lname)
-            if prev is None:
-                hdrs[lname] = value
-            else:
-                if lname == b"host":
-                    raise DownstreamProtocolError()  # RFC 9112 section 3.2: exactly one Host
-                hdrs[lname] = prev + b"," + value
-            if lname not in special:
-                parts += (name, b": ", value, b"\r\n")
-        host = hdrs.get(b"host")
-        if host is None:
-            if not self.http10:
-                raise DownstreamProtocolError()
-            host = b""
-        if not self.host:
-            self.host = host.lower()
-        elif absolute and self.host != b"*":
-            # RFC 9112 section 3.2.2: the target's authority replaces the Host header.
-            parts = parts[:4] + [p for i in range(4, len(parts), 4)
-                                 if parts[i].lower() != b"host" for p in parts[i:i + 4]]
-            parts += (b"host: ", self.host, b"\r\n")
-        conn_hdr = hdrs.get(b"connection")
-        if conn_hdr is not None:
-            extra = {t.strip().lower() for t in conn_hdr.split(b",")} - _KNOWN_TOKENS
-            if extra:  # headers the client nominated as hop-by-hop (RFC 9110 section 7.6.1)
-                parts = parts[:4]
-                for name, value in self.raw_headers:
-                    lname = name.lower()
-                    if lname not in special and lname not in extra:
-                        parts += (name, b": ", value, b"\r\n")
-        te = hdrs.get(b"transfer-encoding")
-        if te is not None:
-            if te.strip().lower() != b"chunked":
-                raise NotImplementedCodingError()
-            self.req_chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n")
-        if self.upgrade:
-            if self.method == b"CONNECT":
-                raise NoRouteError()
-            parts += (b"connection: upgrade\r\nupgrade: ", hdrs.get(b"upgrade", b""), b"\r\n")
-        expect = hdrs.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue":
-            self.expect_continue = True
+    # ------------------------------------------------------------------ hooks of the downstream codec
+    def emit_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        raise NotImplementedError
+
+    def emit_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def emit_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        raise NotImplementedError
+
+    def upstream_headers(self) -> list[bytes]:
+        """Header lines the proxy adds to every forwarded request (x-forwarded-*, x-request-id, tracing)."""
         conn = self.conn
         http = conn.listener.http
         assert http is not None
+        hdrs = self.hdrs
+        parts: list[bytes] = []
         if http.forward_client_address:
             xff = hdrs.get(b"x-forwarded-for")
             parts += (b"x-forwarded-for: ", conn.client_ip if xff is None else xff + b", " + conn.client_ip, b"\r\n")
         peer = conn.peer
         if peer is not None:
             # Envoy's format; a client-supplied value is never forwarded (it could be forged).
-            parts += (b"x-forwarded-client-cert: ", self._xfcc(peer), b"\r\n")
+            tls = conn.listener.tls
+            own = self.ctx.tls.local_spiffe_id(tls.cert_secret) if tls is not None else ""
+            fields = [f"By={own}"] if own else []
+            fields += [f"Hash={peer.cert_sha256}", 'Subject=""']
+            fields += [f"URI={u}" for u in peer.uris]
+            parts += (b"x-forwarded-client-cert: ", ";".join(fields).encode(), b"\r\n")
         xfp = hdrs.get(b"x-forwarded-proto")
-        parts += (b"x-forwarded-proto: ", b"http" if xfp is None else xfp, b"\r\n")
+        parts += (b"x-forwarded-proto: ", self.scheme if xfp is None else xfp, b"\r\n")
         if http.generate_request_id and b"x-request-id" not in hdrs:
             rid = _request_id(self.ctx.getrandbits(128))
             hdrs[b"x-request-id"] = rid
             parts += (b"x-request-id: ", rid, b"\r\n")
-        if traced is not None:  # [tracing] our span is the upstream's parent; unsampled ones propagate too
+        traced = http.tracing  # [tracing] our span is the upstream's parent; unsampled ones propagate too
+        if traced is not None:
             parts += tracing.begin(self, traced)
-        parts.append(b"\r\n")
-        self.out.append(b"".join(parts))
+        return parts
 
-    def _xfcc(self, peer: Peer) -> bytes:
-        tls = self.conn.listener.tls
-        own = self.ctx.tls.local_spiffe_id(tls.cert_secret) if tls is not None else ""
-        fields = [f"By={own}"] if own else []
-        fields += [f"Hash={peer.cert_sha256}", 'Subject=""']
-        fields += [f"URI={u}" for u in peer.uris]
-        return ";".join(fields).encode()
-
-    def _origin_form(self, url: bytes) -> bytes:
-        """Absolute-form targets (RFC 9112 section 3.2.2) route by their authority."""
-        low = url[:8].lower()
-        if low.startswith(b"http://") or low.startswith(b"https://"):
-            rest = url.split(b"://", 1)[1]
-            slash = rest.find(b"/")
-            authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
-            if not authority:
-                raise DownstreamProtocolError()
-            self.host = authority.lower()
-            return path
-        if url == b"*" and self.method == b"OPTIONS":
-            return url
-        raise DownstreamProtocolError()
-
-    # ------------------------------------------------------------------ routing and upstream
+    # ------------------------------------------------------------------ routing
     def start(self) -> None:
-        """Route and pick an upstream; raises ProxyError for a local reply."""
+        """Route and start the first attempt; raises ProxyError for a local reply."""
         ctx = self.ctx
         self.t0 = ctx.loop.time()
         http = self.conn.listener.http
@@ -249,15 +176,23 @@ class Stream:
         vh = find_virtual_host(table, self.host)
         if vh is None:
             raise NoRouteError()
-        route = match_route(vh, self.path, self.hdrs)
+        route = match_route(vh, self.path, self.hdrs, self.method, self.host, self.scheme)
         if route is None:
             raise NoRouteError()
+        self.route = route
+        if route.direct is not None or route.redirect is not None:  # [traffic] answered here
+            if http.policy is not None:
+                authorize_request(self, http.policy, ctx)
+            raise self._local_answer(route)
         name = pick_cluster(route, ctx.random()) if route.weighted else route.cluster
         rt = ctx.clusters.get(name)
         if rt is None:
             raise ClusterNotFoundError()
-        self.cluster = rt
         stats = rt.stats
+        if stats.rq_active >= rt.spec.limits.max_requests:  # [traffic] circuit breaker
+            stats.rq_overflow += 1
+            raise UpstreamOverflowError()
+        self.cluster = rt
         stats.rq_total += 1
         stats.rq_active += 1
         # ---- [authz] RequestAuthentication + AuthorizationPolicy: jwt_authn, then RBAC (issue 7).
@@ -265,70 +200,71 @@ class Stream:
         if http.policy is not None:
             authorize_request(self, http.policy, ctx)
         # ---- [authz] end
-        # [interception] ORIGINAL_DST clusters dial the connection's original destination
-        # (set by listener.CaptureServerSocket; absent on explicit listeners: 503 UH).
-        # [lb] a hash key only when the route has hash policies; LEAST_REQUEST counts active requests
-        if rt.spec.original_dst:
-            ep = rt.pick_original(getattr(self.conn, "original_dst", None))
-        else:
-            hp = route.hash_policy
-            ep = rt.lb.pick(request_hash(hp, self.hdrs, self.path, self.conn.client_ip) if hp else None)
-            active = rt.active
-            if active is not None and ep is not None:
-                active[ep] = active.get(ep, 0) + 1
-        # [lb] end
-        if ep is None:
-            raise NoHealthyUpstreamError()
-        self.upstream_host = ep  # [accesslog]
-        self.upstream_tls = ep.tls if ep.tls is not None else rt.spec.original_dst_tls  # [accesslog]
-        self.timeout = route.timeout
+        if route.rewrite is not None or route.mutation is not None:  # [traffic]
+            self.out[0] = edit_request_head(self.out[0], route, self.path)
+        self.up_h2 = rt.spec.http2 or (rt.spec.use_downstream_protocol and self.downstream_h2())  # [http2]
+        if route.retry is not None or route.mirrors:
+            self.keep = []
+        fault = route.fault  # [traffic] envoy.filters.http.fault, after the policy filters (Istio's order)
+        if fault is not None:
+            rand = ctx.random
+            if fault.abort_percent and rand() * 100 < fault.abort_percent:
+                stats.fault_aborts += 1
+                raise FaultAbortError(fault.abort_status, fault.abort_grpc)
+            if fault.delay and rand() * 100 < fault.delay_percent:
+                stats.fault_delays += 1
+                self.flags = "DI"
+                ctx.loop.call_later(fault.delay, self._after_delay)
+                return
+        self._routed()
+
+    def downstream_h2(self) -> bool:
+        return False
+
+    def _local_answer(self, route: Route) -> ProxyError:
+        d = route.direct
+        if d is not None:
+            return LocalAnswer(d.status, d.body)
+        r = route.redirect
+        assert r is not None
+        return LocalAnswer(r.status, b"", ((b"location", redirect_location(r, self.scheme, self.host, self.path,
+                                                                           route)),))
+
+    def _after_delay(self) -> None:
+        if self.done:
+            return
+        try:
+            self._routed()
+        except ProxyError as err:
+            self.conn.local_reply(self, err)
+            return
+        self.flush_upstream()
+
+    def _routed(self) -> None:
+        """The request goes upstream: timeouts, expect-continue, the first attempt."""
+        route = self.route
+        assert route is not None
+        timeout = route.timeout
+        if route.grpc_timeout and self.grpc:  # [traffic] the client's grpc-timeout replaces the route's
+            value = self.hdrs.get(b"grpc-timeout")
+            if value is not None:
+                t = resilience.parse_grpc_timeout(value)
+                if t is not None:
+                    cap = route.grpc_timeout_max
+                    timeout = min(t, cap) if cap else t
+        self.timeout = timeout
         if self.req_complete:
             self._arm_timer()
         if self.expect_continue and not self.req_complete:
             self.conn.write_now(b"HTTP/1.1 100 Continue\r\n\r\n")
-        pool = rt.pool(ep, ctx.loop)
-        up = pool.checkout()
-        if up is not None:
-            self._attach(up)
-        else:
-            self.connect_task = pool.connect(self._on_connected)
-
-    def _on_connected(self, up: UpstreamConnection | None, err: ProxyError | None) -> None:
-        self.connect_task = None
-        if self.done:
-            if up is not None:
-                up.release(True)  # nothing was sent on it: keep it warm for the next request
-            return
-        if err is not None or up is None:
-            self.conn.local_reply(self, err or UpstreamResetError())
-            return
-        self._attach(up)
-        self.flush_upstream()
-
-    def _attach(self, up: UpstreamConnection) -> None:
-        self.upstream = up
-        up.exchange = self
-        up.head_only = self.method == b"HEAD"
-        if self.conn.write_paused:
-            up.pause_reading()
-
-    def flush_upstream(self) -> None:
-        up = self.upstream
-        out = self.out
-        if up is not None and out and not self.conn._in_feed:
-            up.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-            self.sent_any = True
-            if self.buffered:
-                self.buffered = 0
-                self.conn.resume_reading()
+        self._attempt()
 
     # ------------------------------------------------------------------ request body
     def request_body(self, data: bytes) -> None:
         if self.done:
             return
         self.req_bytes += len(data)
-        if self.req_chunked:
+        if self.req_chunked and not self.up_h2:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
             self.out.append(data)
@@ -337,92 +273,80 @@ class Stream:
             if self.buffered > HIGH_WATER:
                 self.conn.pause_reading()
 
-    def large_body(self) -> bool:
-        """True if the unread rest of the request body may be big (chunked or over 64 KiB)."""
-        if self.req_chunked:
-            return True
-        cl = self.hdrs.get(b"content-length")
-        try:
-            return cl is not None and int(cl) - self.req_bytes > HIGH_WATER
-        except ValueError:
-            return True
-
     def request_complete(self) -> None:
         self.req_complete = True
         if self.done:
             return
-        if self.req_chunked:
+        if self.req_chunked and not self.up_h2:
             self.out.append(b"0\r\n\r\n")
-        if self.cluster is not None:
+        route = self.route
+        if self.cluster is not None and route is not None:
             self._arm_timer()
-
-    def _arm_timer(self) -> None:
-        if self.timeout > 0 and self.timer is None and not self.done:
-            self.timer = self.ctx.loop.call_later(self.timeout, self._on_timeout)
-
-    def _on_timeout(self) -> None:
-        self.timer = None
-        if self.done:
-            return
-        if self.cluster is not None:
-            self.cluster.stats.rq_timeout += 1
-        self.conn.local_reply(self, RequestTimeoutError())
+            retry = route.retry
+            if retry is not None and retry.per_try_timeout and self.try_timer is None and self.host_open:
+                self.try_timer = self.ctx.loop.call_later(retry.per_try_timeout, self._on_try_timeout)
+            if route.mirrors:
+                self._mirror(route)
 
     # ------------------------------------------------------------------ response (upstream callbacks)
     def on_upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        if self.done:
+            return
+        route = self.route
+        retry = route.retry if route is not None else None
+        if retry is not None and self.keep is not None and status >= 400:  # [traffic] a retriable response?
+            grpc_status = None
+            if self.grpc:
+                for n, v in headers:
+                    if n.lower() == b"grpc-status" and v.isdigit():
+                        grpc_status = int(v)
+            if resilience.retriable_status(retry, status, grpc_status):
+                up = self.upstream
+                self.upstream = None
+                self._end_attempt(status)
+                flag = self._retry(True)
+                if flag is None:
+                    if up is not None:
+                        up.abort()  # its body is not wanted (h1: the connection cannot be reused)
+                    return
+                self.upstream = up  # no retry left: this response goes to the client
+                if flag:
+                    self.flags = f"{self.flags},{flag}" if self.flags else flag
+                self._forward_head(status, reason, headers, outcome_recorded=True)
+                return
+        self._forward_head(status, reason, headers, outcome_recorded=False)
+
+    def _forward_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      outcome_recorded: bool) -> None:
         self.status = status
         self.response_started = True
-        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d " % status, reason, b"\r\n"]
-        length: bytes | None = None
-        chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _RESP_HOP:
-                if lname == b"content-length":
-                    length = value
-                    parts += (name, b": ", value, b"\r\n")
-                elif lname == b"transfer-encoding":
-                    chunked = b"chunked" in value.lower()
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        conn = self.conn
-        close = (conn._closing or self.ctx.draining or not self.keep_alive or not self.req_complete
-                 or (self.upgrade and status != 101))
-        if status == 101:
-            mode = _MODE_NONE
-            upgrade = next((v for n, v in headers if n.lower() == b"upgrade"), b"")
-            parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
-            close = False
-        elif self.method == b"HEAD" or status == 204 or status == 304:
-            mode = _MODE_NONE
-        elif length is not None:
-            mode = _MODE_LENGTH
-        elif self.http10:
-            mode = _MODE_EOF
-            close = True
-        else:
-            mode = _MODE_CHUNKED
-            parts.append(b"transfer-encoding: chunked\r\n")
-        self.resp_eof_delimited = mode != _MODE_NONE and length is None and not chunked
-        self.mode = mode
-        if status != 101:
-            if close:
-                parts.append(b"connection: close\r\n")
-            elif self.http10:
-                parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        self.close_after = close
-        conn.queue_write(b"".join(parts))
+        t = self.try_timer
+        if t is not None:
+            self.try_timer = None
+            t.cancel()
+        rt = self.cluster
+        if not outcome_recorded and rt is not None and self.upstream_host is not None and rt.outlier is not None:
+            rt.record_outcome(self.upstream_host, status)
+        if self.in_retry and rt is not None:
+            rt.stats.rq_retry_success += 1
+        route = self.route
+        if self.keep is not None and (route is None or not route.mirrors or self.req_complete):
+            self.keep = None  # committed: nothing left to replay
+        if route is not None and route.mutation is not None and (route.mutation.response_add
+                                                                  or route.mutation.response_remove):
+            headers = edit_response_headers(headers, route.mutation)
+        self.emit_head(status, reason, headers)
 
     def on_upstream_body(self, data: bytes) -> None:
         if self.done:
             return
         self.resp_bytes += len(data)
-        if self.mode == _MODE_CHUNKED:
-            if data:
-                self.conn.queue_write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.conn.queue_write(data)
+        self.emit_body(data)
+
+    def on_upstream_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        if not self.done:
+            self.emit_end(trailers)
+            self._complete(True)
 
     def on_upstream_flush(self) -> None:
         self.conn.flush()
@@ -430,52 +354,40 @@ class Stream:
     def on_upstream_complete(self, keep_alive: bool) -> None:
         if self.done or self.status == 101:
             return
-        if self.mode == _MODE_CHUNKED:
-            self.conn.queue_write(b"0\r\n\r\n")
+        self.emit_end(None)
+        self._complete(keep_alive)
+
+    def _complete(self, keep_alive: bool) -> None:
         self._finish(keep_alive and self.req_complete and not self.buffered_tail())
 
     def buffered_tail(self) -> bool:
         """True if request bytes are still waiting: the upstream saw a partial request."""
         return bool(self.out)
 
-    def on_upstream_upgrade(self, rest: bytes) -> None:
-        """The upstream accepted an Upgrade (101): splice the two connections."""
-        up = self.upstream
-        if self.done or up is None or self.status != 101:
-            return
-        self.upstream = None
-        self._record(101, "")
-        self._stop()
-        conn = self.conn
-        if rest:
-            conn.queue_write(rest)
-        conn.flush()
-        up.exchange = None
-        up.tunnel = conn
-        pending = self.upgrade_rest
-        if pending:
-            up.write(pending)
-        conn.start_tunnel(up)
-
     def on_upstream_error(self, err: ProxyError) -> None:
         if self.done:
             return
         up = self.upstream
         self.upstream = None
-        if self.response_started and self.resp_eof_delimited and isinstance(err, UpstreamResetError):
-            # EOF is how a close-delimited body ends (RFC 9112 section 6.3).
-            if self.mode == _MODE_CHUNKED:
-                self.conn.queue_write(b"0\r\n\r\n")
-            self.conn.flush()
+        if self.response_started:
+            if self.eof_ends_response(err):
+                if up is not None:
+                    up.abort()
+                self._finish(False)
+                return
             if up is not None:
                 up.abort()
-            self._finish(False)
+            if self.cluster is not None:
+                self.cluster.stats.rq_reset += 1
+            self.conn.local_reply(self, err)  # too late for a reply: the codec resets the stream
             return
         if up is not None:
             up.abort()
-        if self.cluster is not None:
-            self.cluster.stats.rq_reset += 1
-        self.conn.local_reply(self, err)
+        self._attempt_failed(err, resilience.REFUSED if isinstance(err, RefusedStreamError) else resilience.RESET)
+
+    def eof_ends_response(self, err: ProxyError) -> bool:
+        """HTTP/1.1: EOF is how a close-delimited body ends; the codec subclass decides."""
+        return False
 
     def pause_downstream(self) -> None:
         self.conn.pause_reading()
@@ -490,6 +402,14 @@ class Stream:
         if t is not None:
             self.timer = None
             t.cancel()
+        t = self.try_timer
+        if t is not None:
+            self.try_timer = None
+            t.cancel()
+        if self.waiting and self.pool is not None:
+            self.waiting = False
+            self.pool.cancel(self._on_connected)
+        self.keep = None
 
     def _record(self, code: int, flags: str) -> None:
         span = self.span  # [tracing]
@@ -498,9 +418,14 @@ class Stream:
         rt = self.cluster
         if rt is not None:
             rt.stats.rq_active -= 1
-            active = rt.active  # [lb]
-            if active is not None and self.upstream_host is not None:
-                active[self.upstream_host] -= 1
+            if self.in_retry:
+                self.in_retry = False
+                rt.retries_active -= 1
+            if self.host_open:
+                self.host_open = False
+                active = rt.active  # [lb]
+                if active is not None and self.upstream_host is not None:
+                    active[self.upstream_host] -= 1
             # [accesslog] Istio labels: the request class carries mTLS and the peer identity
             peer = self.conn.peer
             if peer is not None:
@@ -537,14 +462,14 @@ class Stream:
     def finish_local(self, err: ProxyError, body_len: int) -> None:
         """The connection answered (or reset) this request itself."""
         self._stop()
-        self.flags = err.flag
+        self.flags = f"{self.flags},{err.flag}" if self.flags and err.flag else (err.flag or self.flags)
         up = self.upstream
         if up is not None:
             self.upstream = None
             up.release(not self.sent_any and not up.closed)
         self.resp_bytes += body_len
         if self.cluster is not None:
-            self._record(err.status, err.flag)
+            self._record(err.status, self.flags)
         else:
             self.ctx.stats.cluster("BlackHoleCluster", "BlackHoleCluster").record_request(
                 err.status, err.flag, 0.0, self.req_bytes, body_len)
@@ -578,3 +503,4 @@ class Stream:
             up.release(False)
         if self.cluster is not None:
             self._record(0, "DC")
+

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -31,9 +32,10 @@ from proxy.errors import (
     ConnectTimeoutError,
     ProxyError,
     TlsError,
+    UpstreamOverflowError,
     UpstreamProtocolError,
 )
-from proxy.model import TlsClient
+from proxy.model import DEFAULT_LIMITS, CircuitBreakers, TlsClient
 from proxy.stats import ClusterStats
 from proxy.tls import MissingSecret, TlsProvider, failure_reason, peer_of, sans_allowed
 
@@ -48,6 +50,7 @@ class Exchange(Protocol):
 
     def on_upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None: ...
     def on_upstream_body(self, data: bytes) -> None: ...
+    def on_upstream_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
     def on_upstream_complete(self, keep_alive: bool) -> None: ...
     def on_upstream_upgrade(self, rest: bytes) -> None: ...
     def on_upstream_error(self, err: ProxyError) -> None: ...
@@ -244,10 +247,21 @@ class _Lost(UpstreamProtocolError):
 _LOST = _Lost()
 
 
-class Pool:
-    """Keep-alive connections to one endpoint of one cluster, for one worker."""
+Done = Callable[[UpstreamConnection | None, ProxyError | None], None]
 
-    __slots__ = ("_all", "connect_timeout", "host", "idle", "loop", "port", "provider", "retired", "stats", "tls")
+
+class Pool:
+    """Keep-alive connections to one endpoint of one cluster, for one worker.
+
+    [traffic] ``acquire`` applies the cluster's circuit breakers: a new connection
+    only while the cluster has fewer than max_connections open or opening; past
+    that the request waits for a connection to come back (a pending request),
+    unless max_pending_requests are already waiting: then 503 UO at once. A
+    connection serves at most ``max_uses`` requests (0: unlimited).
+    """
+
+    __slots__ = ("_all", "connect_timeout", "host", "idle", "limits", "loop", "max_uses", "port", "provider",
+                 "retired", "stats", "tls", "waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, connect_timeout: float,
                  stats: ClusterStats, tls: TlsClient | None = None, provider: TlsProvider | None = None) -> None:
@@ -261,6 +275,53 @@ class Pool:
         self.idle: list[UpstreamConnection] = []
         self.retired = False  # set when the endpoint left the cluster: no more reuse
         self._all: set[UpstreamConnection] = set()
+        self.limits: CircuitBreakers = DEFAULT_LIMITS
+        self.max_uses = 0
+        self.waiters: deque[Done] = deque()  # requests waiting for a connection (max_connections reached)
+
+    # ---- [traffic] circuit breakers
+    def acquire(self, done: Done) -> UpstreamConnection | None:
+        """An idle connection now, or None and ``done`` is called later. Raises UpstreamOverflowError."""
+        conn = self.checkout()
+        if conn is not None:
+            return conn
+        stats = self.stats
+        limits = self.limits
+        if stats.rq_pending_active >= limits.max_pending_requests:
+            stats.rq_pending_overflow += 1
+            raise UpstreamOverflowError()
+        stats.rq_pending_active += 1
+        if stats.cx_active + stats.cx_connecting < limits.max_connections:
+            self.connect(self._pending_done(done))
+        else:
+            stats.cx_overflow += 1
+            self.waiters.append(done)
+        return None
+
+    def _pending_done(self, done: Done) -> Done:
+        def finish(conn: UpstreamConnection | None, err: ProxyError | None) -> None:
+            self.stats.rq_pending_active -= 1
+            if err is not None:
+                self._serve_waiter()  # the slot this connection held is free again
+            done(conn, err)
+        return finish
+
+    def cancel(self, done: Done) -> None:
+        """A waiting request gave up (timeout, client gone)."""
+        try:
+            self.waiters.remove(done)
+        except ValueError:
+            return
+        self.stats.rq_pending_active -= 1
+
+    def _serve_waiter(self) -> None:
+        """Capacity freed up: open a connection for the request waiting longest."""
+        if self.waiters and not self.retired:
+            stats = self.stats
+            if stats.cx_active + stats.cx_connecting < self.limits.max_connections:
+                done = self.waiters.popleft()
+                self.connect(self._pending_done(done))
+    # ---- [traffic] end
 
     def checkout(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -272,8 +333,13 @@ class Pool:
         return None
 
     def put(self, conn: UpstreamConnection) -> None:
-        if self.retired:
+        if self.retired or (self.max_uses and conn.uses >= self.max_uses):
             conn.abort()
+        elif self.waiters:
+            done = self.waiters.popleft()  # [traffic] hand it straight to a waiting request
+            self.stats.rq_pending_active -= 1
+            conn.uses += 1
+            done(conn, None)
         else:
             self.idle.append(conn)
 
@@ -281,6 +347,8 @@ class Pool:
         if conn in self._all:
             self._all.discard(conn)
             self.stats.cx_active -= 1
+            if self.waiters:
+                self._serve_waiter()
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
 
@@ -289,6 +357,23 @@ class Pool:
         return self.loop.create_task(self._connect(done))
 
     async def _connect(self, done: Callable[[UpstreamConnection | None, ProxyError | None], None]) -> None:
+        stats = self.stats
+        stats.cx_connecting += 1
+        finished = False
+
+        def once(conn: UpstreamConnection | None, err: ProxyError | None) -> None:
+            nonlocal finished
+            finished = True
+            stats.cx_connecting -= 1  # before ``done``: it may hand the slot to a waiting request
+            done(conn, err)
+
+        try:
+            await self._open(once)
+        finally:
+            if not finished:
+                stats.cx_connecting -= 1
+
+    async def _open(self, done: Callable[[UpstreamConnection | None, ProxyError | None], None]) -> None:
         stats = self.stats
         try:
             ssl_args = tls_client_args(self.tls, self.provider)
