@@ -16,11 +16,12 @@ Shapes (Envoy xDS, named as Istio names them):
   to "BlackHoleCluster" (STATIC, no endpoints) for REGISTRY_ONLY; the node's
   Sidecar's policy wins over MeshConfig's, as in Istio.
 - One outbound listener per service port the node sees, `bind_to_port:
-  false`, OUTBOUND: HTTP ports "0.0.0.0_<port>" (HCM, RDS "<port>"); TCP
+  false`, OUTBOUND: HTTP ports "0.0.0.0_<port>" (HCM, RDS "<port>", the
+  fault filter before the router); TCP
   ports "<address>_<port>" for each ServiceEntry address (exact ip:port wins
   in the hand-off), or "0.0.0.0_<port>" for the one TCP service without
   addresses that uses the port; tcp_proxy to its cluster (a VirtualService tcp
-  route's destination, else "outbound|port||host"). A port that one listener
+  route's destination or weighted destinations, else "outbound|port||host"). A port that one listener
   cannot serve unambiguously is a problem naming the ServiceEntry.
 - Route table "<port>" of every HTTP port: the visible hosts with that port
   (as for explicit listeners), plus a last virtual host "allow_any" (domains
@@ -61,6 +62,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
 
 from control.translate.authz import NodeAuthz
@@ -71,7 +73,9 @@ from control.translate.listeners import (
     TCP_PROXY_FILTER,
     build_listeners,
     http_connection_manager,
+    outbound_http_connection_manager,
     tcp_proxy,
+    tcp_route_proxy,
 )
 from control.translate.model import Protocol, ServiceEntry
 from control.translate.protos import (
@@ -184,12 +188,12 @@ def _outbound(scope: Scope, problems: list[Problem], taken: set[tuple[str, int]]
                 if (ip, port.number) not in taken:
                     taken.add((ip, port.number))
                     out.listeners.append(_unbound(f"{ip}_{port.number}", ip, port.number, base_pb2.OUTBOUND,
-                                                  network_filter(TCP_PROXY_FILTER, tcp_proxy(target))))
+                                                  network_filter(TCP_PROXY_FILTER, target)))
     for number in sorted(http):
         if (WILDCARD, number) in taken:
             continue
         taken.add((WILDCARD, number))
-        config = http_connection_manager(f"outbound_0.0.0.0_{number}", rds=str(number))
+        config = outbound_http_connection_manager(f"outbound_0.0.0.0_{number}", str(number))
         out.listeners.append(_unbound(f"{WILDCARD}_{number}", WILDCARD, number, base_pb2.OUTBOUND,
                                       network_filter(HCM_FILTER, config)))
     for number, hosts in sorted(tcp_wild.items()):
@@ -207,24 +211,23 @@ def _outbound(scope: Scope, problems: list[Problem], taken: set[tuple[str, int]]
         taken.add((WILDCARD, number))
         target = _tcp_cluster(scope, hosts[0], number, problems, out.referenced)
         out.listeners.append(_unbound(f"{WILDCARD}_{number}", WILDCARD, number, base_pb2.OUTBOUND,
-                                      network_filter(TCP_PROXY_FILTER, tcp_proxy(target))))
+                                      network_filter(TCP_PROXY_FILTER, target)))
     return sorted(http)
 
 
-def _tcp_cluster(scope: Scope, host: str, port: int, problems: list[Problem], referenced: set[Reference]) -> str:
-    """A VirtualService tcp route's destination for (host, port), else the host's own cluster."""
+def _tcp_cluster(scope: Scope, host: str, port: int, problems: list[Problem],
+                 referenced: set[Reference]) -> tcp_proxy_pb2.TcpProxy:
+    """A VirtualService tcp route's tcp_proxy for (host, port), else one to the host's own cluster."""
     vs = scope.routes.get(host)
     for route in vs.tcp if vs is not None else ():
         if not route.ports or port in route.ports:
             assert vs is not None
-            found = scope.destination(vs, route.destination, port, problems)
+            found = tcp_route_proxy(scope, vs, route, port, problems, referenced)
             if found is None:
                 break
-            name, reference = found
-            referenced.add(reference)
-            return name
+            return found
     referenced.add((host, port))
-    return cluster_name("outbound", port, "", host)
+    return tcp_proxy(cluster_name("outbound", port, "", host))
 
 
 def _route_tables(scope: Scope, problems: list[Problem], ports: Iterable[int], fallback: str,
@@ -275,13 +278,13 @@ def _virtual_outbound(fallback: str) -> listener_pb2.Listener:
 # --- inbound --------------------------------------------------------------------
 
 
-def inbound_ports(scope: Scope, problems: list[Problem]) -> dict[int, tuple[Protocol, int]]:
-    """Inbound port -> (protocol, the app's port on 127.0.0.1)."""
+def inbound_ports(scope: Scope, problems: list[Problem]) -> dict[int, tuple[Protocol, int, bool]]:
+    """Inbound port -> (protocol, the app's port on 127.0.0.1, whether the app speaks HTTP/2)."""
     sidecar = scope.sidecar
     if sidecar is not None and sidecar.ingress:
-        return {i.port.number: (i.port.protocol, i.endpoint_port) for i in sidecar.ingress}
+        return {i.port.number: (i.port.protocol, i.endpoint_port, i.port.h2) for i in sidecar.ingress}
     node = scope.node
-    found: dict[int, tuple[Protocol, int]] = {}
+    found: dict[int, tuple[Protocol, int, bool]] = {}
     owners: dict[int, ServiceEntry] = {}
     for se in scope.config.service_entries:
         selector = se.workload_selector
@@ -298,7 +301,7 @@ def inbound_ports(scope: Scope, problems: list[Problem]) -> dict[int, tuple[Prot
                     f"port {number} of this workload is {port.protocol.value} here and "
                     f"{known[0].value} in {owners[number].meta.resource}"))
                 continue
-            found[number] = (port.protocol, number)
+            found[number] = (port.protocol, number, port.h2)
             owners.setdefault(number, se)
     return found
 
@@ -309,7 +312,7 @@ def _virtual_inbound(scope: Scope, problems: list[Problem], out: Captured) -> li
     network_authz = authz.network_filters()
     chains: list[lc.FilterChain] = []
     from_sidecar = scope.sidecar is not None and bool(scope.sidecar.ingress)
-    for port, (protocol, app_port) in sorted(inbound_ports(scope, problems).items()):
+    for port, (protocol, app_port, h2) in sorted(inbound_ports(scope, problems).items()):
         cluster = cluster_name("inbound", port, "", "")
         terminal: list[lc.Filter]
         if protocol is Protocol.HTTP:
@@ -324,7 +327,7 @@ def _virtual_inbound(scope: Scope, problems: list[Problem], out: Captured) -> li
             chain.filter_chain_match.destination_port.CopyFrom(wrappers_pb2.UInt32Value(value=port))
         chains.extend(port_chains)
         if not from_sidecar:  # the Sidecar's ingress clusters come from clusters.py
-            out.clusters.append(inbound_cluster(port, app_port))
+            out.clusters.append(inbound_cluster(port, app_port, protocol, h2))
     passthrough = [*network_authz, network_filter(TCP_PROXY_FILTER, tcp_proxy(INBOUND_PASSTHROUGH_CLUSTER))]
     # Port 0: no port-level PeerAuthentication applies, the workload's (or namespace's, mesh's) mode does.
     _, rest = inbound_chains(scope.inbound_mode(0), passthrough, Protocol.TCP, trust_domain)

@@ -21,6 +21,12 @@ Rules:
   endpoint is labelled security.istio.io/tlsMode=istio: such endpoints get
   filter_metadata["envoy.transport_socket_match"] = {"tlsMode": "istio"} and
   the cluster transport_socket_matches (mutual TLS for them, plaintext else).
+  ALPN follows the cluster's upstream protocol (`security.alpn`).
+- connectionPool, outlierDetection and the port's protocol (HTTP/2 for GRPC,
+  HTTP2, GRPC-WEB) set circuit breakers, timeouts, protocol options and
+  outlier detection (`cluster_traffic.py`), with the same precedence as tls;
+  inbound clusters get the default circuit breakers and HTTP/2 for those
+  protocols.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec
 from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
+from control.translate.cluster_traffic import apply_traffic, speaks_h2, uses_downstream
 from control.translate.model import (
     EMPTY,
     LoadBalancer,
     MtlsMode,
+    Protocol,
     Resolution,
     ServiceEntry,
     ServicePort,
@@ -48,6 +56,7 @@ from control.translate.protos import CONNECT_TIMEOUT_SECONDS, ads, duration, soc
 from control.translate.scope import Scope, cluster_name
 from control.translate.security import (
     TLS_MODE_LABEL,
+    alpn,
     auto_mtls_matches,
     client_socket,
     istio_mutual_sni,
@@ -96,21 +105,33 @@ def build_clusters(
             )
             if rule is not None and se.resolution is not Resolution.NONE:
                 apply_lb(cluster, rule.lb_for(subset, number))
-            rows = _secure(scope, cluster, se, port, subset, host, rows)
+            pool = rule.pool_for(subset, number) if rule is not None else None
+            outlier = rule.outlier_for(subset, number) if rule is not None else None
+            apply_traffic(cluster, port.protocol, port.h2, pool, outlier)
+            protocols = alpn(
+                port.protocol, h2=speaks_h2(port.h2, pool), downstream=uses_downstream(pool)
+            )
+            rows = _secure(scope, cluster, se, port, subset, host, rows, protocols)
             clusters.append(cluster)
             if se.resolution is Resolution.STATIC:
                 assignments.append(load_assignment(name, [_lb_endpoint(row) for row in rows]))
     if scope.sidecar is not None:
         for ingress in scope.sidecar.ingress:
-            clusters.append(inbound_cluster(ingress.port.number, ingress.endpoint_port))
+            clusters.append(
+                inbound_cluster(
+                    ingress.port.number, ingress.endpoint_port, ingress.port.protocol, ingress.port.h2
+                )
+            )
     return clusters, assignments
 
 
-def inbound_cluster(port: int, app_port: int) -> cluster_pb2.Cluster:
-    """"inbound|port||": STATIC, the app on 127.0.0.1:app_port."""
+def inbound_cluster(
+    port: int, app_port: int, protocol: Protocol = Protocol.TCP, h2: bool = False
+) -> cluster_pb2.Cluster:
+    """"inbound|port||": STATIC, the app on 127.0.0.1:app_port (HTTP/2 to it when `h2`)."""
     name = cluster_name("inbound", port, "", "")
     endpoint = ec.LbEndpoint(endpoint=ec.Endpoint(address=socket_address("127.0.0.1", app_port)))
-    return cluster_pb2.Cluster(
+    cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=duration(CONNECT_TIMEOUT_SECONDS),
@@ -120,6 +141,8 @@ def inbound_cluster(port: int, app_port: int) -> cluster_pb2.Cluster:
             endpoints=[ec.LocalityLbEndpoints(lb_endpoints=[endpoint])],
         ),
     )
+    apply_traffic(cluster, protocol, h2, None, None)
+    return cluster
 
 
 def _eds_cluster(name: str) -> cluster_pb2.Cluster:
@@ -177,6 +200,7 @@ def _secure(
     subset: str,
     host: str,
     rows: list[_Row],
+    protocols: list[str],
 ) -> list[_Row]:
     """Set the cluster's TLS (DestinationRule tls, or auto mTLS); returns rows marked for auto mTLS."""
     trust_domain = scope.config.mesh.trust_domain
@@ -189,7 +213,7 @@ def _secure(
             port=port.number,
             subset=subset,
             host=host,
-            protocol=port.protocol,
+            alpn_protocols=protocols,
             identities=identities,
             trust_domain=trust_domain,
         )
@@ -204,7 +228,7 @@ def _secure(
     ]
     if any(row.mutual for row in marked):
         sni = istio_mutual_sni(port.number, subset, host)
-        mutual = istio_mutual_socket(sni, identities, port.protocol, trust_domain)
+        mutual = istio_mutual_socket(sni, identities, protocols, trust_domain)
         cluster.transport_socket_matches.extend(auto_mtls_matches(mutual))
     return marked
 

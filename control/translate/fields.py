@@ -23,7 +23,7 @@ from control.translate.model import (
 if TYPE_CHECKING:
     from control.translate.istio import Build
 
-# Istio's protocol names (case-insensitive); only HTTP and TCP are implemented.
+# Istio's protocol names (case-insensitive); HTTP, the HTTP/2 ones and TCP are implemented.
 ISTIO_PROTOCOLS = frozenset(
     {
         "HTTP",
@@ -50,13 +50,31 @@ def keep(objects: list[Any], obj: Any) -> None:
         objects.append(obj)
 
 
+# Routed as HTTP, and spoken to the upstream as HTTP/2 (Istio's IsHTTP2 protocols).
+HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})
+# Istio's port-name convention: "<protocol>[-<suffix>]" (grpc-web-x splits as grpc: HTTP/2 too).
+_NAME_PREFIXES = {"http": Protocol.HTTP, "http2": Protocol.HTTP, "grpc": Protocol.HTTP}
+
+
+def speaks_h2(port: dict[str, Any]) -> bool:
+    """Whether a port (already accepted by `protocol`) is GRPC, HTTP2 or GRPC-WEB, by protocol or name."""
+    declared = port.get("protocol")
+    if declared is not None:
+        return str(declared).upper() in HTTP2_PROTOCOLS
+    return str(port.get("name", "")).lower().split("-", 1)[0] in ("http2", "grpc")
+
+
 def protocol(port: dict[str, Any], path: str, b: Build) -> Protocol | None:
-    """The port's protocol: its `protocol` field, else Istio's port-name convention, else TCP."""
+    """The port's protocol: its `protocol` field, else Istio's port-name convention, else TCP.
+
+    GRPC, HTTP2 and GRPC-WEB are HTTP for routing (`speaks_h2` tells them apart)."""
     declared = port.get("protocol")
     if declared is not None:
         upper = declared.upper()
         if upper in ("HTTP", "TCP"):
             return Protocol(upper)
+        if upper in HTTP2_PROTOCOLS:
+            return Protocol.HTTP
         if upper in ISTIO_PROTOCOLS:
             b(f"{path}.protocol", f"protocol {declared} is not supported yet")
         else:
@@ -66,7 +84,7 @@ def protocol(port: dict[str, Any], path: str, b: Build) -> Protocol | None:
             )
         return None
     prefix = str(port.get("name", "")).lower().split("-", 1)[0]
-    return Protocol.HTTP if prefix == "http" else Protocol.TCP
+    return _NAME_PREFIXES.get(prefix, Protocol.TCP)
 
 
 def ip(value: str, path: str, b: Build, hint: str = "") -> bool:

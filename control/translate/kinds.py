@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from certs.spiffe import validate_trust_domain
 from control.translate import authz_kinds, traffic
-from control.translate.fields import keep, protocol, workload
+from control.translate.fields import keep, protocol, speaks_h2, workload
 from control.translate.model import (
     AuthorizationPolicy,
     DestinationRule,
@@ -221,7 +221,11 @@ def _service_entry(s: Session, e: Entry, b: Build) -> ServiceEntry | None:
             b(f"{path}.name", f"port name {raw['name']!r} is listed twice")
         proto = protocol(raw, path, b)
         if proto is not None:
-            ports.append(ServicePort(raw["number"], raw["name"], proto, raw.get("targetPort")))
+            ports.append(
+                ServicePort(
+                    raw["number"], raw["name"], proto, raw.get("targetPort"), speaks_h2(raw)
+                )
+            )
     resolution = Resolution(spec.get("resolution", "NONE"))
     raw_endpoints: list[dict[str, Any]] = spec.get("endpoints", [])
     selector = spec.get("workloadSelector")

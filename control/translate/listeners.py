@@ -7,7 +7,10 @@ must not build route tables (`routes.py`) or clusters (`clusters.py`); like
 
 Rules:
 - Egress "bind_port" (bind default 127.0.0.1), OUTBOUND. HTTP ports use RDS
-  with route_config_name = the port. TCP ports forward to: the one visible
+  with route_config_name = the port, and carry the fault filter (empty; the
+  routes carry the faults) before the router, as Istio's outbound HCMs do.
+  TCP ports forward to (tcp_proxy weighted_clusters for several weighted
+  destinations): the one visible
   VirtualService tcp route that applies to the port (its match lists the
   port, or it has no port match and one of its hosts has the port); else the
   one visible ServiceEntry host with that port. None or several is a
@@ -48,6 +51,7 @@ from control.translate.model import (
 )
 from control.translate.protos import ads, network_filter, packed, socket_address
 from control.translate.routes import Reference, inbound_route_table
+from control.translate.routes_traffic import fault_filter
 from control.translate.scope import Scope, cluster_name
 from control.translate.security import inbound_chains
 
@@ -76,15 +80,13 @@ def build_listeners(
         port = egress.port.number
         bind = egress.bind or "127.0.0.1"
         if egress.port.protocol is Protocol.HTTP:
-            config = http_connection_manager(f"outbound_{bind}_{port}", rds=str(port))
+            config = outbound_http_connection_manager(f"outbound_{bind}_{port}", str(port))
             chain = network_filter(HCM_FILTER, config)
         else:
-            found = _tcp_target(scope, sidecar, egress, port, problems)
-            if found is None:
+            proxy = _tcp_target(scope, sidecar, egress, port, problems, referenced)
+            if proxy is None:
                 continue
-            cluster, reference = found
-            referenced.add(reference)
-            chain = network_filter(TCP_PROXY_FILTER, tcp_proxy(cluster))
+            chain = network_filter(TCP_PROXY_FILTER, proxy)
         listeners.append(_listener(f"{bind}_{port}", bind, port, base_pb2.OUTBOUND, chain))
     return listeners, referenced
 
@@ -116,8 +118,42 @@ def http_connection_manager(
     return manager
 
 
+def outbound_http_connection_manager(stat_prefix: str, rds: str) -> hcm.HttpConnectionManager:
+    """An outbound HTTP port's HCM: RDS, and the fault filter before the router."""
+    return http_connection_manager(stat_prefix, rds=rds, filters=[fault_filter()])
+
+
 def tcp_proxy(cluster: str) -> tcp_proxy_pb2.TcpProxy:
     return tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster)
+
+
+def tcp_route_proxy(
+    scope: Scope,
+    vs: VirtualService,
+    route: TcpRoute,
+    port: int,
+    problems: list[Problem],
+    referenced: set[Reference],
+) -> tcp_proxy_pb2.TcpProxy | None:
+    """The tcp_proxy of a VirtualService tcp route on `port`: one cluster, or weighted ones
+    (zero-weight destinations dropped when others remain, as for HTTP)."""
+    chosen = [d for d in route.destinations if d.weight > 0] or list(route.destinations[:1])
+    targets: list[tuple[str, int]] = []
+    for dest in chosen:
+        found = scope.destination(vs, dest, port, problems)
+        if found is None:
+            return None
+        referenced.add(found[1])
+        targets.append((found[0], dest.weight))
+    if len(targets) == 1:
+        return tcp_proxy(targets[0][0])
+    weighted = tcp_proxy_pb2.TcpProxy.WeightedCluster(
+        clusters=[
+            tcp_proxy_pb2.TcpProxy.WeightedCluster.ClusterWeight(name=name, weight=weight)
+            for name, weight in targets
+        ]
+    )
+    return tcp_proxy_pb2.TcpProxy(stat_prefix=targets[0][0], weighted_clusters=weighted)
 
 
 def _listener(
@@ -159,8 +195,13 @@ def _ingress(scope: Scope, ingress: IngressListener) -> listener_pb2.Listener:
 
 
 def _tcp_target(
-    scope: Scope, sidecar: Sidecar, egress: EgressListener, port: int, problems: list[Problem]
-) -> tuple[str, Reference] | None:
+    scope: Scope,
+    sidecar: Sidecar,
+    egress: EgressListener,
+    port: int,
+    problems: list[Problem],
+    referenced: set[Reference],
+) -> tcp_proxy_pb2.TcpProxy | None:
     visible = scope.visible(egress)
     candidates: list[tuple[VirtualService, TcpRoute]] = []
     services = {(vs.meta.namespace, vs.meta.name): vs for vs in scope.routes.values()}
@@ -177,14 +218,15 @@ def _tcp_target(
     where = f"{egress.path}.hosts"
     if len(candidates) == 1:
         vs, route = candidates[0]
-        return scope.destination(vs, route.destination, port, problems)
+        return tcp_route_proxy(scope, vs, route, port, problems, referenced)
     if candidates:
         names = ", ".join(f"{vs.meta.resource} {route.path}" for vs, route in candidates)
         message = f"several VirtualService tcp routes apply to port {port}: {names}"
     else:
         hosts = [h for h in visible if scope.services[h].port(port) is not None]
         if len(hosts) == 1:
-            return cluster_name("outbound", port, "", hosts[0]), (hosts[0], port)
+            referenced.add((hosts[0], port))
+            return tcp_proxy(cluster_name("outbound", port, "", hosts[0]))
         if hosts:
             message = (
                 f"port {port} is ambiguous: visible hosts {', '.join(hosts)} all have it; "

@@ -19,6 +19,18 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from control.translate.model_traffic import (
+    NO_HEADERS,
+    ConnectionPool,
+    DirectResponse,
+    Fault,
+    HeaderOps,
+    Outlier,
+    Redirect,
+    Retries,
+    Rewrite,
+)
+
 K = TypeVar("K", str, int)
 V = TypeVar("V")
 
@@ -141,6 +153,7 @@ class ServicePort:
     name: str
     protocol: Protocol
     target_port: int | None = None
+    h2: bool = False  # GRPC, HTTP2, GRPC-WEB: HTTP routing, HTTP/2 to the upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +211,7 @@ class SidecarPort:
     protocol: Protocol
     name: str = ""
     target_port: int | None = None
+    h2: bool = False  # GRPC, HTTP2, GRPC-WEB
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +250,24 @@ class HttpMatch:
     name: str = ""
     uri: StringMatch | None = None
     headers: tuple[tuple[str, StringMatch], ...] = ()
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    scheme: StringMatch | None = None
+    query: tuple[tuple[str, StringMatch], ...] = ()
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()
+    ignore_uri_case: bool = False
+    # Control-side conditions: which proxies and which route table get the match.
+    source_labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    source_namespace: str = ""
+    port: int | None = None
+
+    def applies(self, namespace: str, labels: Mapping[str, str], port: int) -> bool:
+        """Whether a proxy in `namespace` with `labels` gets this match in its table for `port`."""
+        if self.port is not None and self.port != port:
+            return False
+        if self.source_namespace and self.source_namespace != namespace:
+            return False
+        return labels_match(self.source_labels, labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,17 +280,35 @@ class Destination:
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """mirror + mirrorPercentage, or one entry of `mirrors`."""
+
+    destination: Destination
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
 class HttpRoute:
+    """One http[] entry. Exactly one of: destinations, redirect, direct_response."""
+
     name: str
     matches: tuple[HttpMatch, ...]
     destinations: tuple[Destination, ...]
     timeout: float | None = None  # seconds
+    rewrite: Rewrite | None = None
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    request_headers: HeaderOps = NO_HEADERS
+    response_headers: HeaderOps = NO_HEADERS
+    mirrors: tuple[Mirror, ...] = ()
+    fault: Fault | None = None
+    retries: Retries | None = None  # None: Istio's default retry policy
 
 
 @dataclass(frozen=True, slots=True)
 class TcpRoute:
     ports: tuple[int, ...]  # () matches every port
-    destination: Destination
+    destinations: tuple[Destination, ...]  # one, or several weighted ones
     path: str  # "spec.tcp[i]"
 
 
@@ -308,12 +358,17 @@ class LoadBalancer:
 
 @dataclass(frozen=True, slots=True)
 class TrafficPolicy:
-    """The parts of a TrafficPolicy that change the xDS output: `tls` and `loadBalancer`, whole and per port."""
+    """The parts of a TrafficPolicy that change the xDS output, whole and per port:
+    `tls`, `loadBalancer`, `connectionPool`, `outlierDetection`."""
 
     tls: ClientTls | None = None
     port_tls: Mapping[int, ClientTls] = field(default_factory=lambda: EMPTY)
     lb: LoadBalancer | None = None
     port_lb: Mapping[int, LoadBalancer] = field(default_factory=lambda: EMPTY)
+    pool: ConnectionPool | None = None
+    port_pool: Mapping[int, ConnectionPool] = field(default_factory=lambda: EMPTY)
+    outlier: Outlier | None = None
+    port_outlier: Mapping[int, Outlier] = field(default_factory=lambda: EMPTY)
 
     def tls_for(self, port: int) -> ClientTls | None:
         """The port-level `tls` for `port` if there is one, else the policy's own."""
@@ -321,6 +376,12 @@ class TrafficPolicy:
 
     def lb_for(self, port: int) -> LoadBalancer | None:
         return self.port_lb.get(port) or self.lb
+
+    def pool_for(self, port: int) -> ConnectionPool | None:
+        return self.port_pool.get(port) or self.pool
+
+    def outlier_for(self, port: int) -> Outlier | None:
+        return self.port_outlier.get(port) or self.outlier
 
 
 NO_POLICY = TrafficPolicy()
@@ -358,6 +419,24 @@ class DestinationRule:
                 if found is not None:
                     return found
         return self.traffic_policy.lb_for(port)
+
+    def pool_for(self, subset: str, port: int) -> ConnectionPool | None:
+        """The same precedence as `tls_for`, for `connectionPool` (replaced whole, not merged, as Istio)."""
+        for candidate in self.subsets:
+            if candidate.name == subset:
+                found = candidate.traffic_policy.pool_for(port)
+                if found is not None:
+                    return found
+        return self.traffic_policy.pool_for(port)
+
+    def outlier_for(self, subset: str, port: int) -> Outlier | None:
+        """The same precedence as `tls_for`, for `outlierDetection`."""
+        for candidate in self.subsets:
+            if candidate.name == subset:
+                found = candidate.traffic_policy.outlier_for(port)
+                if found is not None:
+                    return found
+        return self.traffic_policy.outlier_for(port)
 
 
 # --- security ---------------------------------------------------------------

@@ -21,6 +21,15 @@ Rules:
   Without one (or if it has only tcp routes): a single "/" prefix route to
   outbound|port||host. A route with no VirtualService timeout gets timeout 0s
   (disabled), as Istio sets it: Envoy's own default would be 15 s.
+- Traffic management (`routes_traffic.py`): a match with sourceLabels,
+  sourceNamespace or port is left out of the tables of proxies (and ports)
+  it does not apply to; an http[] entry all of whose matches are left out is
+  left out. Redirect and directResponse entries get Route.redirect /
+  direct_response instead of a route action. Every route action (the default
+  route too, not the inbound one) carries Istio's retry policy unless the
+  VirtualService sets `retries`, and max_stream_duration for gRPC. Mirror
+  destinations are referenced like route destinations, so their clusters
+  exist.
 - A route whose destination cluster has a DestinationRule consistentHash
   (for its subset and port) carries the matching RouteAction.hash_policy: Envoy
   keeps the hash key on the route. A weighted route whose clusters have
@@ -49,6 +58,16 @@ from control.translate.model import (
     VirtualService,
 )
 from control.translate.protos import duration
+from control.translate.routes_traffic import (
+    add_match_extras,
+    apply_action_extras,
+    apply_route_extras,
+    default_retry_policy,
+    direct_response_action,
+    grpc_timeout,
+    mirror_policy,
+    redirect_action,
+)
 from control.translate.scope import Scope, cluster_name
 
 Reference = tuple[str, int]  # (host, port) a route or listener sends traffic to
@@ -103,6 +122,8 @@ def route_table(
             cluster = cluster_name("outbound", port, "", host)
             referenced.add((host, port))
             action = rc.RouteAction(cluster=cluster, timeout=duration(0))
+            grpc_timeout(action, 0)
+            action.retry_policy.CopyFrom(default_retry_policy())
             _hash(action, [_lb(scope, host, "", port)])
             routes = [rc.Route(name="default", match=rc.RouteMatch(prefix="/"), route=action)]
         else:
@@ -129,13 +150,28 @@ def short_names(host: str, namespace: str) -> list[str]:
 def _vs_routes(
     scope: Scope, vs: VirtualService, port: int, referenced: set[Reference], problems: list[Problem]
 ) -> Iterable[rc.Route]:
+    node = scope.node
     for index, http in enumerate(vs.http):
-        action = _action(scope, vs, http, port, referenced, problems)
-        if action is None:
-            continue
+        matches = [m for m in http.matches if m.applies(node.namespace, node.labels, port)]
+        if http.matches and not matches:
+            continue  # every match is for other proxies or another port
+        action: rc.RouteAction | None = None
+        if http.destinations:
+            action = _action(scope, vs, http, port, referenced, problems)
+            if action is None:
+                continue
         name = f"{vs.meta.name}.{http.name or index}"
-        for match in http.matches or (HttpMatch(),):
-            yield rc.Route(name=name, match=route_match(match), route=action)
+        for match in matches or (HttpMatch(),):
+            route = rc.Route(name=name, match=route_match(match))
+            if action is not None:
+                route.route.CopyFrom(action)
+                apply_action_extras(route.route, http, match)
+            elif http.redirect is not None:
+                route.redirect.CopyFrom(redirect_action(http.redirect))
+            elif http.direct_response is not None:
+                route.direct_response.CopyFrom(direct_response_action(http.direct_response))
+            apply_route_extras(route, http)
+            yield route
 
 
 def _action(
@@ -174,6 +210,12 @@ def _action(
         )
     action.timeout.CopyFrom(duration(http.timeout if http.timeout is not None else 0))
     _hash(action, balancers)
+    for mirror in http.mirrors:
+        found = scope.destination(vs, mirror.destination, port, problems)
+        if found is None:
+            return None
+        referenced.add(found[1])
+        action.request_mirror_policies.append(mirror_policy(found[0], mirror.percent))
     return action
 
 
@@ -222,17 +264,16 @@ def route_match(match: HttpMatch) -> rc.RouteMatch:
         result.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=uri.value))
     for name, header in match.headers:
         result.headers.append(rc.HeaderMatcher(name=name, string_match=string_matcher(header)))
+    add_match_extras(result, match)
     return result
 
 
 def inbound_route_table(port: int) -> route_pb2.RouteConfiguration:
     """The inline table of an HTTP ingress listener: everything to the app, no timeout (as Istio)."""
     cluster = cluster_name("inbound", port, "", "")
-    route = rc.Route(
-        name="default",
-        match=rc.RouteMatch(prefix="/"),
-        route=rc.RouteAction(cluster=cluster, timeout=duration(0)),
-    )
+    action = rc.RouteAction(cluster=cluster, timeout=duration(0))
+    grpc_timeout(action, 0)
+    route = rc.Route(name="default", match=rc.RouteMatch(prefix="/"), route=action)
     return route_pb2.RouteConfiguration(
         name=cluster,
         virtual_hosts=[rc.VirtualHost(name=f"inbound|http|{port}", domains=["*"], routes=[route])],

@@ -19,6 +19,9 @@ Rules (Istio's):
 - Inbound: DISABLE is one plaintext chain; STRICT one "tls" chain that
   requires a client certificate from the mesh (URI SAN in the trust domain);
   PERMISSIVE both, told apart by the TLS inspector.
+- ALPN (`alpn`): inbound mesh TLS on HTTP ports offers h2 and http/1.1; a
+  cluster's TLS offers h2 when it speaks HTTP/2 (GRPC, HTTP2, GRPC-WEB
+  ports, h2UpgradePolicy UPGRADE), http/1.1 otherwise; TCP offers none.
 - Outbound ISTIO_MUTUAL: SNI "outbound_.PORT_.SUBSET_.HOST", the mesh
   certificate, and the SPIFFE ids of the cluster's endpoints as accepted SANs
   (any id of the trust domain when the cluster has no endpoints).
@@ -134,8 +137,15 @@ class PeerPolicies:
 # --- inbound --------------------------------------------------------------------
 
 
-def alpn(protocol: Protocol) -> list[str]:
-    return ["http/1.1"] if protocol is Protocol.HTTP else []
+def alpn(protocol: Protocol, *, h2: bool = False, server: bool = False, downstream: bool = False) -> list[str]:
+    """The ALPN protocols of a mesh TLS context: none for TCP; a server (inbound) offers
+    "h2" and "http/1.1" on HTTP ports; a client offers "h2" to a cluster that speaks
+    HTTP/2, "http/1.1" otherwise, and both when the cluster uses the downstream protocol."""
+    if protocol is not Protocol.HTTP:
+        return []
+    if server or downstream:
+        return ["h2", "http/1.1"]
+    return ["h2"] if h2 else ["http/1.1"]
 
 
 def _sds(name: str) -> secret_pb2.SdsSecretConfig:
@@ -150,7 +160,7 @@ def _uri(*, exact: str = "", prefix: str = "") -> common_pb2.SubjectAltNameMatch
 
 
 def _mesh_context(
-    protocol: Protocol, sans: Iterable[common_pb2.SubjectAltNameMatcher]
+    alpn_protocols: Sequence[str], sans: Iterable[common_pb2.SubjectAltNameMatcher]
 ) -> tls_pb2.CommonTlsContext:
     """The mesh certificate (SDS "default"), peers checked against SDS "ROOTCA" and `sans`."""
     combined = tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
@@ -160,7 +170,7 @@ def _mesh_context(
         validation_context_sds_secret_config=_sds(ROOTS_SECRET),
     )
     return tls_pb2.CommonTlsContext(
-        alpn_protocols=alpn(protocol),
+        alpn_protocols=alpn_protocols,
         tls_certificate_sds_secret_configs=[_sds(CERT_SECRET)],
         combined_validation_context=combined,
     )
@@ -191,7 +201,9 @@ def inbound_chains(
         return [], [listener_components_pb2.FilterChain(filters=filters)]
     server = tls_pb2.DownstreamTlsContext(
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
-        common_tls_context=_mesh_context(protocol, [_uri(prefix=f"spiffe://{trust_domain}/")]),
+        common_tls_context=_mesh_context(
+            alpn(protocol, server=True), [_uri(prefix=f"spiffe://{trust_domain}/")]
+        ),
     )
     chains = [
         listener_components_pb2.FilterChain(
@@ -226,7 +238,7 @@ def _upstream(context: tls_pb2.UpstreamTlsContext) -> base_pb2.TransportSocket:
 
 
 def istio_mutual_socket(
-    sni: str, identities: Iterable[str], protocol: Protocol, trust_domain: str
+    sni: str, identities: Iterable[str], alpn_protocols: Sequence[str], trust_domain: str
 ) -> base_pb2.TransportSocket:
     """Mutual TLS with the mesh certificates; the server must present one of `identities`.
 
@@ -237,7 +249,7 @@ def istio_mutual_socket(
     if not sans:
         sans = [_uri(prefix=f"spiffe://{trust_domain}/")]
     return _upstream(
-        tls_pb2.UpstreamTlsContext(sni=sni, common_tls_context=_mesh_context(protocol, sans))
+        tls_pb2.UpstreamTlsContext(sni=sni, common_tls_context=_mesh_context(alpn_protocols, sans))
     )
 
 
@@ -256,7 +268,7 @@ def client_socket(
     port: int,
     subset: str,
     host: str,
-    protocol: Protocol,
+    alpn_protocols: Sequence[str],
     identities: Iterable[str],
     trust_domain: str,
 ) -> base_pb2.TransportSocket | None:
@@ -271,10 +283,10 @@ def client_socket(
     if tls.mode is TlsMode.ISTIO_MUTUAL:
         sni = tls.sni or istio_mutual_sni(port, subset, host)
         if not tls.subject_alt_names:
-            return istio_mutual_socket(sni, identities, protocol, trust_domain)
-        context = _mesh_context(protocol, _named_sans(tls.subject_alt_names))
+            return istio_mutual_socket(sni, identities, alpn_protocols, trust_domain)
+        context = _mesh_context(alpn_protocols, _named_sans(tls.subject_alt_names))
         return _upstream(tls_pb2.UpstreamTlsContext(sni=sni, common_tls_context=context))
-    common = tls_pb2.CommonTlsContext(alpn_protocols=alpn(protocol))
+    common = tls_pb2.CommonTlsContext(alpn_protocols=alpn_protocols)
     if not tls.insecure_skip_verify:
         validation = common_pb2.CertificateValidationContext(
             match_typed_subject_alt_names=_named_sans(tls.subject_alt_names)

@@ -146,21 +146,23 @@ SIDECAR = Obj(
 )
 
 STRING_MATCH = Obj({"exact": STR, "prefix": STR, "regex": STR}, one_of=("exact", "prefix", "regex"))
+PERCENTAGE = Obj({"value": PERCENT})  # Istio's Percent message
 HTTP_MATCH_REQUEST = Obj(
-    {"name": STR, "uri": STRING_MATCH, "headers": MapOf(STR, STRING_MATCH)},
-    unsupported=(
-        "scheme",
-        "method",
-        "authority",
-        "port",
-        "ignoreUriCase",
-        "withoutHeaders",
-        "queryParams",
-        "sourceLabels",
-        "gateways",
-        "sourceNamespace",
-        "statPrefix",
-    ),
+    {
+        "name": STR,
+        "uri": STRING_MATCH,
+        "headers": MapOf(STR, STRING_MATCH),
+        "scheme": STRING_MATCH,
+        "method": STRING_MATCH,
+        "authority": STRING_MATCH,
+        "port": PORT,
+        "ignoreUriCase": BOOL,
+        "withoutHeaders": MapOf(STR, STRING_MATCH),
+        "queryParams": MapOf(STR, STRING_MATCH),
+        "sourceLabels": LABELS,
+        "sourceNamespace": STR,
+    },
+    unsupported=("gateways", "statPrefix"),
 )
 DESTINATION = Obj(
     {"host": STR, "subset": STR, "port": Obj({"number": PORT}, required=("number",))},
@@ -171,29 +173,67 @@ HTTP_ROUTE_DESTINATION = Obj(
     required=("destination",),
     unsupported=("headers",),
 )
+HEADER_OPERATIONS = Obj({"set": MapOf(STR, STR), "add": MapOf(STR, STR), "remove": STRS})
+HTTP_REWRITE = Obj(
+    {
+        "uri": STR,
+        "authority": STR,
+        "uriRegexRewrite": Obj({"match": STR, "rewrite": STR}, required=("match", "rewrite")),
+    }
+)
+HTTP_REDIRECT = Obj(
+    {
+        "uri": STR,
+        "authority": STR,
+        "port": PORT,
+        "scheme": STR,
+        "redirectCode": UINT,
+        "derivePort": Enum((), ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT")),
+    }
+)
+HTTP_DIRECT_RESPONSE = Obj(
+    {"status": UINT, "body": Obj({"string": STR, "bytes": STR}, one_of=("string", "bytes"))},
+    required=("status",),
+)
+HTTP_FAULT = Obj(
+    {
+        "delay": Obj(
+            {"fixedDelay": DURATION, "percentage": PERCENTAGE, "percent": Int(0, 100)},
+            unsupported=("exponentialDelay",),
+        ),
+        "abort": Obj(
+            {"httpStatus": UINT, "grpcStatus": STR, "percentage": PERCENTAGE},
+            unsupported=("http2Error",),
+        ),
+    }
+)
+HTTP_RETRY = Obj(
+    {
+        "attempts": Int(0, 2**31 - 1),
+        "perTryTimeout": DURATION,
+        "retryOn": STR,
+        "retryRemoteLocalities": BOOL,
+    }
+)
 HTTP_ROUTE = Obj(
     {
         "name": STR,
         "match": ListOf(HTTP_MATCH_REQUEST),
         "route": ListOf(HTTP_ROUTE_DESTINATION),
         "timeout": DURATION,
+        "redirect": HTTP_REDIRECT,
+        "directResponse": HTTP_DIRECT_RESPONSE,
+        "rewrite": HTTP_REWRITE,
+        "headers": Obj({"request": HEADER_OPERATIONS, "response": HEADER_OPERATIONS}),
+        "mirror": DESTINATION,
+        "mirrorPercentage": PERCENTAGE,
+        "mirrorPercent": Int(0, 100),
+        "mirror_percent": Int(0, 100),
+        "mirrors": ListOf(Obj({"destination": DESTINATION, "percentage": PERCENTAGE}, required=("destination",))),
+        "fault": HTTP_FAULT,
+        "retries": HTTP_RETRY,
     },
-    required=("route",),
-    unsupported=(
-        "redirect",
-        "directResponse",
-        "delegate",
-        "rewrite",
-        "retries",
-        "fault",
-        "mirror",
-        "mirrors",
-        "mirrorPercentage",
-        "mirror_percent",
-        "mirrorPercent",
-        "corsPolicy",
-        "headers",
-    ),
+    unsupported=("delegate", "corsPolicy"),
 )
 TCP_ROUTE = Obj(
     {
@@ -257,24 +297,58 @@ CLIENT_TLS_SETTINGS = Obj(
     },
     unsupported=("credentialName", "caCrl"),
 )
+INT32 = Int(0, 2**31 - 1)
+CONNECTION_POOL = Obj(
+    {
+        "tcp": Obj(
+            {"maxConnections": INT32, "connectTimeout": DURATION},
+            unsupported=("tcpKeepalive", "maxConnectionDuration", "idleTimeout"),
+        ),
+        "http": Obj(
+            {
+                "http1MaxPendingRequests": INT32,
+                "http2MaxRequests": INT32,
+                "maxRequestsPerConnection": INT32,
+                "maxRetries": INT32,
+                "idleTimeout": DURATION,
+                "h2UpgradePolicy": Enum(("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")),
+                "useClientProtocol": BOOL,
+                "maxConcurrentStreams": INT32,
+            }
+        ),
+    }
+)
+OUTLIER_DETECTION = Obj(
+    {
+        "consecutive5xxErrors": UINT,
+        "consecutiveGatewayErrors": UINT,
+        "interval": DURATION,
+        "baseEjectionTime": DURATION,
+        "maxEjectionPercent": Int(0, 100),
+        "minHealthPercent": Int(0, 100),
+        "splitExternalLocalOriginErrors": BOOL,
+    },
+    unsupported=("consecutiveLocalOriginFailures", "consecutiveErrors"),
+)
 PORT_TRAFFIC_POLICY = Obj(
     {
         "port": Obj({"number": PORT}, required=("number",)),
         "tls": CLIENT_TLS_SETTINGS,
         "loadBalancer": LOAD_BALANCER,
+        "connectionPool": CONNECTION_POOL,
+        "outlierDetection": OUTLIER_DETECTION,
     },
     required=("port",),
-    unsupported=("connectionPool", "outlierDetection"),
 )
 TRAFFIC_POLICY = Obj(
     {
         "loadBalancer": LOAD_BALANCER,
         "tls": CLIENT_TLS_SETTINGS,
         "portLevelSettings": ListOf(PORT_TRAFFIC_POLICY),
+        "connectionPool": CONNECTION_POOL,
+        "outlierDetection": OUTLIER_DETECTION,
     },
     unsupported=(
-        "connectionPool",
-        "outlierDetection",
         "tunnel",
         "proxyProtocol",
         "retryBudget",

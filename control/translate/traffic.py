@@ -4,18 +4,22 @@ Owns: the meaning of their fields beyond shape: host and subset references
 (resolved against the ServiceEntries already built), subset uniqueness,
 DestinationRule client TLS settings (whole, per subset, per port),
 Sidecar listener conflicts, default endpoints and egress host patterns, HTTP
-matches, route weights and timeouts, TCP routes. Reports through `Build`;
-returns None for a document with any problem. No files, no xDS.
+matches, route weights and timeouts, TCP routes (one destination or
+several weighted ones). The http[] traffic-management fields are in
+`traffic_http.py`, connectionPool and outlierDetection in
+`traffic_policy.py`. Reports through `Build`; returns None for a document
+with any problem. No files, no xDS.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from control.translate.fields import WILDCARD_BINDS, ip, keep, protocol, regex
+from control.translate.fields import WILDCARD_BINDS, ip, keep, protocol, regex, speaks_h2
 from control.translate.model import (
     NO_POLICY,
     ClientTls,
+    ConnectionPool,
     Destination,
     DestinationRule,
     EgressListener,
@@ -25,6 +29,7 @@ from control.translate.model import (
     IngressListener,
     LoadBalancer,
     MatchKind,
+    Outlier,
     Sidecar,
     SidecarPort,
     StringMatch,
@@ -36,6 +41,8 @@ from control.translate.model import (
     frozen_map,
 )
 from control.translate.schema import child, parse_duration
+from control.translate.traffic_http import match_extras, route_extras
+from control.translate.traffic_policy import connection_pool, outlier_detection
 
 if TYPE_CHECKING:
     from control.translate.istio import Build, Entry, Session
@@ -72,11 +79,19 @@ def destination_rule(s: Session, e: Entry, b: Build) -> DestinationRule | None:
 def _traffic_policy(
     s: Session, host: str | None, raw: dict[str, Any], path: str, b: Build
 ) -> TrafficPolicy:
-    """The `tls` and `loadBalancer` of a TrafficPolicy, whole and per port (the parts that change the output)."""
+    """The tls, loadBalancer, connectionPool and outlierDetection of a TrafficPolicy, whole and per port."""
     tls = _client_tls(raw["tls"], f"{path}.tls", b) if "tls" in raw else None
     lb = _load_balancer(raw["loadBalancer"], f"{path}.loadBalancer", b) if "loadBalancer" in raw else None
+    pool = connection_pool(raw["connectionPool"], f"{path}.connectionPool", b) if "connectionPool" in raw else None
+    outlier = (
+        outlier_detection(raw["outlierDetection"], f"{path}.outlierDetection", b)
+        if "outlierDetection" in raw
+        else None
+    )
     ports: dict[int, ClientTls] = {}
     port_lb: dict[int, LoadBalancer] = {}
+    port_pool: dict[int, ConnectionPool] = {}
+    port_outlier: dict[int, Outlier] = {}
     seen: set[int] = set()
     for i, setting in enumerate(raw.get("portLevelSettings", [])):
         here = f"{path}.portLevelSettings[{i}]"
@@ -90,9 +105,17 @@ def _traffic_policy(
             ports[number] = _client_tls(setting["tls"], f"{here}.tls", b)
         if "loadBalancer" in setting:
             port_lb[number] = _load_balancer(setting["loadBalancer"], f"{here}.loadBalancer", b)
-    if tls is None and not ports and lb is None and not port_lb:
-        return NO_POLICY
-    return TrafficPolicy(tls, frozen_map(ports), lb, frozen_map(port_lb))
+        if "connectionPool" in setting:
+            port_pool[number] = connection_pool(setting["connectionPool"], f"{here}.connectionPool", b)
+        if "outlierDetection" in setting:
+            port_outlier[number] = outlier_detection(
+                setting["outlierDetection"], f"{here}.outlierDetection", b
+            )
+    policy = TrafficPolicy(
+        tls, frozen_map(ports), lb, frozen_map(port_lb),
+        pool, frozen_map(port_pool), outlier, frozen_map(port_outlier),
+    )  # fmt: skip
+    return NO_POLICY if policy == NO_POLICY else policy
 
 
 def _load_balancer(raw: dict[str, Any], path: str, b: Build) -> LoadBalancer:
@@ -179,7 +202,9 @@ def _sidecar_port(raw: dict[str, Any], path: str, b: Build) -> SidecarPort | Non
     found = protocol(raw, path, b)
     if found is None:
         return None
-    return SidecarPort(raw["number"], found, raw.get("name", ""), raw.get("targetPort"))
+    return SidecarPort(
+        raw["number"], found, raw.get("name", ""), raw.get("targetPort"), speaks_h2(raw)
+    )
 
 
 def _default_endpoint(raw: dict[str, Any], path: str, b: Build) -> int:
@@ -288,7 +313,8 @@ def _http_match(raw: dict[str, Any], path: str, b: Build) -> HttpMatch:
         if name != name.lower():
             b(here, "header names must be lower case")
         headers.append((name, _string_match(match, here, b)))
-    return HttpMatch(raw.get("name", ""), uri, tuple(headers))
+    extras = match_extras(raw, path, b, _string_match)
+    return HttpMatch(raw.get("name", ""), uri, tuple(headers), **extras)
 
 
 def _destination(
@@ -310,37 +336,39 @@ def _destination(
     return Destination(host, subset, port, weight, path)
 
 
+def _destinations(
+    s: Session, e: Entry, b: Build, routes: list[dict[str, Any]], path: str
+) -> list[Destination]:
+    """route[] of an http or tcp entry: at least one destination; several need weights."""
+    destinations: list[Destination] = []
+    for j, dest in enumerate(routes):
+        here = f"{path}[{j}].destination"
+        keep(destinations, _destination(s, e, b, dest["destination"], here, dest.get("weight", 0)))
+    if not routes:
+        b(path, "must list at least one destination")
+    elif len(routes) > 1 and sum(dest.get("weight", 0) for dest in routes) == 0:
+        b(path, "several destinations need weights (relative shares, usually summing to 100)")
+    return destinations
+
+
 def _http_route(s: Session, e: Entry, b: Build, raw: dict[str, Any], path: str) -> HttpRoute:
     matches = [_http_match(m, f"{path}.match[{j}]", b) for j, m in enumerate(raw.get("match", []))]
-    destinations: list[Destination] = []
-    for j, dest in enumerate(raw["route"]):
-        here = f"{path}.route[{j}].destination"
-        keep(destinations, _destination(s, e, b, dest["destination"], here, dest.get("weight", 0)))
-    if not raw["route"]:
-        b(f"{path}.route", "must list at least one destination")
-    elif len(raw["route"]) > 1 and sum(dest.get("weight", 0) for dest in raw["route"]) == 0:
-        b(
-            f"{path}.route",
-            "several destinations need weights (relative shares, usually summing to 100)",
-        )
+    destinations = _destinations(s, e, b, raw["route"], f"{path}.route") if "route" in raw else []
     timeout = parse_duration(raw["timeout"]) if "timeout" in raw else None
-    return HttpRoute(raw.get("name", ""), tuple(matches), tuple(destinations), timeout)
+
+    def mirror(dest: dict[str, Any], here: str) -> Destination | None:
+        return _destination(s, e, b, dest, here, 0)
+
+    extras = route_extras(raw, path, b, mirror)
+    return HttpRoute(raw.get("name", ""), tuple(matches), tuple(destinations), timeout, **extras)
 
 
 def _tcp_route(s: Session, e: Entry, b: Build, raw: dict[str, Any], path: str) -> TcpRoute | None:
     match = raw.get("match", [])
     every_port = not match or any("port" not in m for m in match)
     ports = () if every_port else tuple(m["port"] for m in match)
-    if len(raw["route"]) != 1:
-        if len(raw["route"]) > 1:
-            b(f"{path}.route", "weighted TCP routes (several destinations) are not supported yet")
-        else:
-            b(f"{path}.route", "must list one destination")
-        return None
-    dest = raw["route"][0]
-    here = f"{path}.route[0].destination"
-    destination = _destination(s, e, b, dest["destination"], here, dest.get("weight", 0))
-    return TcpRoute(ports, destination, path) if destination is not None else None
+    destinations = _destinations(s, e, b, raw["route"], f"{path}.route")
+    return TcpRoute(ports, tuple(destinations), path) if destinations else None
 
 
 def virtual_service(s: Session, e: Entry, b: Build) -> VirtualService | None:

@@ -120,8 +120,9 @@ def test_http_egress_listener_shape() -> None:
     assert config.rds.route_config_name == "9080"
     assert config.rds.config_source.HasField("ads")
     assert config.rds.config_source.resource_api_version == 2  # V3
-    assert [f.name for f in config.http_filters] == ["envoy.filters.http.router"]
-    assert config.http_filters[0].typed_config.type_url.endswith(
+    # Outbound HCMs carry the fault filter (empty; routes carry the faults), as Istio's do.
+    assert [f.name for f in config.http_filters] == ["envoy.filters.http.fault", "envoy.filters.http.router"]
+    assert config.http_filters[-1].typed_config.type_url.endswith(
         "envoy.extensions.filters.http.router.v3.Router"
     )
     assert config.use_remote_address.value is False and config.HasField("use_remote_address")

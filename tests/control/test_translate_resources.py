@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
@@ -88,7 +90,8 @@ def test_resources_are_sorted_by_name() -> None:
 
 
 def _unpack_all(any_message: any_pb2.Any) -> Message:
-    for cls in (hcm.HttpConnectionManager, tcp_proxy_pb2.TcpProxy, router_pb2.Router):
+    for cls in (hcm.HttpConnectionManager, tcp_proxy_pb2.TcpProxy, router_pb2.Router, fault_pb2.HTTPFault,
+                previous_hosts_pb2.PreviousHostsPredicate):
         if any_message.Is(cls.DESCRIPTOR):
             target = cls()
             assert any_message.Unpack(target)
@@ -117,7 +120,7 @@ def test_every_resource_round_trips_through_json_and_any() -> None:
             if isinstance(config, hcm.HttpConnectionManager):
                 for http_filter in config.http_filters:
                     seen.add(type(_unpack_all(http_filter.typed_config)).__name__)
-    assert seen == {"HttpConnectionManager", "TcpProxy", "Router"}
+    assert seen == {"HttpConnectionManager", "TcpProxy", "Router", "HTTPFault"}
 
 
 def test_digest_is_stable_across_processes_with_different_hash_seeds() -> None:

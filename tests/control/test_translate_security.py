@@ -288,7 +288,7 @@ def test_strict_listener_shape() -> None:
     context = downstream(chain)
     assert context.require_client_certificate.value is True
     common = context.common_tls_context
-    assert list(common.alpn_protocols) == ["http/1.1"]
+    assert list(common.alpn_protocols) == ["h2", "http/1.1"]  # inbound HTTP: both, as Istio
     (cert,) = common.tls_certificate_sds_secret_configs
     assert cert.name == "default" and cert.sds_config.HasField("ads")
     roots = common.combined_validation_context.validation_context_sds_secret_config
