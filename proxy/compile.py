@@ -43,6 +43,7 @@ from proxy.compile_capture import (
     listener_filters,
     served,
 )
+from proxy.compile_cluster import CLUSTER_FIELDS, cluster_extras
 from proxy.compile_rbac import NETWORK_RBAC_TYPE, http_policy, network_rbac
 from proxy.compile_routes import _hash_policy, _route, compile_route_config  # noqa: F401 (re-exported for tests)
 from proxy.compile_tls import (
@@ -55,6 +56,7 @@ from proxy.compile_tls import (
     upstream_tls,
 )
 from proxy.compile_tracing import with_tracing  # [tracing]
+from proxy.compile_traffic import FAULT_TYPE, has_fault
 from proxy.errors import InvalidResource
 
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -155,17 +157,37 @@ def _chain_listener(ctx: _Ctx, address: str, port: int, direction: model.Directi
         tp = tcp_proxy_pb2.TcpProxy()
         f.typed_config.Unpack(tp)
         p = f"{fpath}.typed_config"
-        _only(ctx, tp, {"stat_prefix", "cluster", "idle_timeout", "access_log"}, p)  # [accesslog] access_log
-        if not tp.cluster:
-            raise ctx.fail(f"{p}.cluster", "required (weighted TCP routes are not supported yet)")
+        _only(ctx, tp, {"stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "access_log"}, p)
+        cluster, weighted, total = _tcp_clusters(ctx, tp, p)  # [traffic] weighted_clusters
         idle = _seconds(tp.idle_timeout) if tp.HasField("idle_timeout") else ENVOY_DEFAULT_IDLE_TIMEOUT
         rbac = network_rbac(ctx, fc.filters[:-1], f"filter_chains[{first}].filters")  # [authz]
-        return model.Listener(ctx.name, address, port, direction, model.Protocol.TCP,
-                              tcp=model.TcpSettings(tp.stat_prefix, tp.cluster, idle, rbac,
-                                                    access_log(ctx, tp.access_log, f"{p}.access_log")),  # [accesslog]
-                              tls=tls,
+        tcp = model.TcpSettings(tp.stat_prefix, cluster, weighted=weighted, total_weight=total, idle_timeout=idle,
+                                rbac=rbac, access_log=access_log(ctx, tp.access_log, f"{p}.access_log"))
+        return model.Listener(ctx.name, address, port, direction, model.Protocol.TCP, tcp=tcp, tls=tls,
                               plaintext=plaintext, bind_to_port=bind)
     raise ctx.fail(f"{fpath}.typed_config", f"unsupported network filter type {type_url!r}")
+
+
+def _tcp_clusters(ctx: _Ctx, tp: tcp_proxy_pb2.TcpProxy,
+                  path: str) -> tuple[str, tuple[model.WeightedCluster, ...], int]:
+    """tcp_proxy's cluster, or its weighted_clusters (zero weights dropped; the first one also as cluster)."""
+    if tp.WhichOneof("cluster_specifier") != "weighted_clusters":
+        if not tp.cluster:
+            raise ctx.fail(f"{path}.cluster", "required (or weighted_clusters)")
+        return tp.cluster, (), 0
+    wc = tp.weighted_clusters
+    _only(ctx, wc, {"clusters"}, f"{path}.weighted_clusters")
+    out = []
+    for i, c in enumerate(wc.clusters):
+        here = f"{path}.weighted_clusters.clusters[{i}]"
+        _only(ctx, c, {"name", "weight"}, here)
+        if not c.name:
+            raise ctx.fail(f"{here}.name", "required")
+        if c.weight > 0:
+            out.append(model.WeightedCluster(c.name, c.weight))
+    if not out:
+        raise ctx.fail(f"{path}.weighted_clusters", "at least one cluster needs a positive weight")
+    return out[0].name, tuple(out), sum(w.weight for w in out)
 
 
 def _chains(ctx: _Ctx, chains: list[tuple[int, Any]], inspector: bool,
@@ -209,9 +231,11 @@ def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.
         "upgrade_configs", "xff_num_trusted_hops", "stream_idle_timeout",
         "access_log",  # [accesslog]
         "tracing",  # [tracing] compile_tracing.py
+        "http2_protocol_options",  # [http2]
     }, path)
-    if hcm.codec_type not in (hcm_pb2.HttpConnectionManager.AUTO, hcm_pb2.HttpConnectionManager.HTTP1):
-        raise ctx.fail(f"{path}.codec_type", "only AUTO and HTTP1 are supported (HTTP/2 comes later)")
+    codec = _CODECS.get(hcm.codec_type)
+    if codec is None:
+        raise ctx.fail(f"{path}.codec_type", "only AUTO, HTTP1 and HTTP2 are supported")
     for i, uc in enumerate(hcm.upgrade_configs):
         if uc.upgrade_type.lower() != "websocket":
             raise ctx.fail(f"{path}.upgrade_configs[{i}].upgrade_type", "only websocket upgrades are supported")
@@ -229,6 +253,12 @@ def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.
         routes[rc_name] = compile_route_config(hcm.route_config, rc_name)
     else:
         raise ctx.fail(path, "rds or route_config is required")
+    # [traffic] routes' faults act only through the HCM's fault filter (Envoy); without it they would be
+    # ignored, so refuse. RDS tables are compiled before listeners (a lone listener cannot be checked).
+    table = routes.get(rc_name)
+    if table is not None and has_fault(table) and all(f.typed_config.type_url != FAULT_TYPE for f in hcm.http_filters):
+        raise ctx.fail(f"{path}.http_filters", f"routes of {rc_name!r} inject faults: the HCM needs the "
+                                               "envoy.filters.http.fault filter")
     max_kb = hcm.max_request_headers_kb.value if hcm.HasField("max_request_headers_kb") else 60
     idle = ENVOY_DEFAULT_IDLE_TIMEOUT
     max_count = 100
@@ -242,7 +272,32 @@ def _hcm(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, routes: dict[str, model.
     gen = hcm.generate_request_id.value if hcm.HasField("generate_request_id") else True
     log = access_log(ctx, hcm.access_log, f"{path}.access_log")  # [accesslog]
     return model.HttpSettings(hcm.stat_prefix, rc_name, max_kb * 1024, max_count, idle, gen, True, policy=policy,
-                              access_log=log)  # [accesslog]
+                              access_log=log, codec=codec, **_h2_settings(ctx, hcm, path))  # [accesslog] [http2]
+
+
+# [http2] HCM codec_type and http2_protocol_options.
+_CODECS = {hcm_pb2.HttpConnectionManager.AUTO: "AUTO", hcm_pb2.HttpConnectionManager.HTTP1: "HTTP1",
+           hcm_pb2.HttpConnectionManager.HTTP2: "HTTP2"}
+
+
+def _h2_settings(ctx: _Ctx, hcm: hcm_pb2.HttpConnectionManager, path: str) -> dict[str, Any]:
+    if not hcm.HasField("http2_protocol_options"):
+        return {}
+    h2 = hcm.http2_protocol_options
+    p = f"{path}.http2_protocol_options"
+    _only(ctx, h2, {"max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size"}, p)
+    out = {}
+    for name, field_name, low, high in (
+        ("max_concurrent_streams", "h2_max_concurrent_streams", 1, 2**31 - 1),
+        ("initial_stream_window_size", "h2_initial_stream_window", 65535, 2**31 - 1),  # Envoy's bounds
+        ("initial_connection_window_size", "h2_initial_connection_window", 65535, 2**31 - 1),
+    ):
+        if h2.HasField(name):
+            value = getattr(h2, name).value
+            if not low <= value <= high:
+                raise ctx.fail(f"{p}.{name}", f"must be in [{low}, {high}]")
+            out[field_name] = value
+    return out
 
 
 # ---------------------------------------------------------------- clusters
@@ -287,7 +342,9 @@ def _service_of(name: str) -> tuple[str, model.Direction]:
 def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.ClusterLoadAssignment]) -> model.Cluster:
     ctx = _Ctx("Cluster", c.name)
     _only(ctx, c, {"name", "type", "connect_timeout", "lb_policy", "eds_cluster_config", "load_assignment",
-                   "least_request_lb_config", "ring_hash_lb_config", "metadata", "alt_stat_name", "transport_socket", "transport_socket_matches"}, "")
+                   "least_request_lb_config", "ring_hash_lb_config", "metadata", "alt_stat_name", "transport_socket",
+                   "transport_socket_matches", *CLUSTER_FIELDS}, "")
+    extras = cluster_extras(ctx, c)  # [traffic] circuit breakers, outlier detection, upstream HTTP protocol
     tls: Any = None
     if c.HasField("transport_socket"):
         if c.transport_socket_matches:
@@ -305,7 +362,7 @@ def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.Cluster
         # The original destination has no endpoint metadata: a socket match list gives its catch-all entry.
         dst_tls = pick_socket(tls, {}) if isinstance(tls, list) else tls
         return model.Cluster(c.name, (), timeout, "CLUSTER_PROVIDED", service_name, direction, original_dst=True,
-                             original_dst_tls=dst_tls)
+                             original_dst_tls=dst_tls, **extras)
     policy, ring_size = _lb_policy(ctx, c)  # [lb]
     timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else ENVOY_DEFAULT_CONNECT_TIMEOUT
     kind = c.type
@@ -324,7 +381,7 @@ def _cluster(c: cluster_pb2.Cluster, cla_by_name: dict[str, endpoint_pb2.Cluster
     else:
         raise ctx.fail("type", f"{cluster_pb2.Cluster.DiscoveryType.Name(kind)} is not supported (STATIC and EDS are)")
     service_name, direction = _service_of(c.name)
-    return model.Cluster(c.name, endpoints, timeout, policy, service_name, direction, ring_size=ring_size)
+    return model.Cluster(c.name, endpoints, timeout, policy, service_name, direction, ring_size=ring_size, **extras)
 
 
 # [lb] Cluster.lb_policy and its config; RouteAction.hash_policy.
@@ -413,9 +470,10 @@ def compile_snapshot(res: XdsResources, version: str | None = None) -> model.Sna
             if ls.http is not None and ls.http.route_config_name not in routes:
                 raise InvalidResource("Listener", top.name, f"{fpath}.typed_config.rds.route_config_name",
                                       f"route configuration {ls.http.route_config_name!r} was not provided")
-            if ls.tcp is not None and ls.tcp.cluster not in clusters:
-                raise InvalidResource("Listener", top.name, f"{fpath}.typed_config.cluster",
-                                      f"cluster {ls.tcp.cluster!r} was not provided")
+            for name in [ls.tcp.cluster, *(w.name for w in ls.tcp.weighted)] if ls.tcp is not None else ():
+                if name not in clusters:
+                    raise InvalidResource("Listener", top.name, f"{fpath}.typed_config.cluster",
+                                          f"cluster {name!r} was not provided")
     secrets: dict[str, model.Secret] = {}
     for sec in res.secrets:
         if sec.name in secrets:

@@ -2,7 +2,8 @@
 
 Owns: which HTTP filters an HCM may carry besides the router (one
 ``envoy.filters.http.jwt_authn`` first, then any number of
-``envoy.filters.http.rbac``), the network RBAC filters allowed before
+``envoy.filters.http.rbac``, and one ``envoy.filters.http.fault`` whose
+settings live on the routes: ``compile_traffic.py``), the network RBAC filters allowed before
 tcp_proxy, and the subset of Envoy's RBAC and JwtAuthentication messages
 Pillion implements. Like ``compile.py``, a set field it does not implement
 is refused (``InvalidResource`` -> NACK), never ignored: an authorization
@@ -29,6 +30,7 @@ from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
 from google.protobuf.message import Message
 
 from proxy import authz, jwt
+from proxy.compile_traffic import FAULT_TYPE, fault_filter
 from proxy.errors import InvalidResource
 
 _T = "type.googleapis.com/"
@@ -67,11 +69,17 @@ def http_policy(ctx: Ctx, filters: Sequence[Any], path: str) -> authz.HttpPolicy
         raise ctx.fail(path, f"the router filter must be last, got {names}")
     authn: jwt.JwtAuthn | None = None
     rbac: list[authz.RbacFilter] = []
+    fault = False
     for i, f in enumerate(filters[:-1]):
         where = f"{path}[{i}]"
         _only(ctx, f, {"name", "typed_config"}, where)
         url = f.typed_config.type_url
-        if url == JWT_TYPE:
+        if url == FAULT_TYPE:  # [traffic] applies the routes' faults; nothing of its own to compile
+            if fault:
+                raise ctx.fail(where, "one fault filter is supported")
+            fault_filter(ctx, f, where)
+            fault = True
+        elif url == JWT_TYPE:
             if authn is not None or rbac:
                 raise ctx.fail(where, "one jwt_authn filter, before the RBAC filters, is supported")
             config = jwt_pb2.JwtAuthentication()
@@ -85,7 +93,7 @@ def http_policy(ctx: Ctx, filters: Sequence[Any], path: str) -> authz.HttpPolicy
             if config_h.HasField("rules"):
                 rbac.append(rbac_filter(ctx, config_h.rules, f"{p}.rules"))
         else:
-            raise ctx.fail(where, f"unsupported HTTP filter {f.name!r} ({url}); jwt_authn, rbac and the router are")
+            raise ctx.fail(where, f"unsupported HTTP filter {f.name!r} ({url}); jwt_authn, rbac, fault and the router are")
     if authn is None and not rbac:
         return None
     return authz.HttpPolicy(authn, tuple(rbac))

@@ -3,18 +3,35 @@
 A helper of ``compile.py``: virtual hosts become an exact-host dict plus
 suffix/prefix/wildcard lists, routes keep their order (first match wins),
 regexes are compiled here, and every RouteAction field Pillion does not
-implement is refused with its path.
+implement is refused with its path. Route extras (rewrites, redirects,
+retries, mirrors, faults, header mutations) are compiled by
+``compile_traffic.py``.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.type.matcher.v3 import string_pb2
 
 from proxy import model
 from proxy.compile_base import ENVOY_DEFAULT_ROUTE_TIMEOUT, _Ctx, _only, _regex, _seconds
+from proxy.compile_traffic import (
+    direct_response,
+    grpc_timeout,
+    header_mutation,
+    mirrors,
+    query_match,
+    redirect,
+    retry,
+    rewrite,
+    route_fault,
+)
+
+# Pseudo-headers a route may match (Envoy's names; Istio's method, authority and scheme matches).
+PSEUDO_HEADERS = (b":method", b":authority", b":scheme")
 
 
 def _string_match(ctx: _Ctx, sm: string_pb2.StringMatcher, path: str) -> tuple[model.StringKind, bytes, re.Pattern[bytes] | None]:
@@ -37,8 +54,8 @@ def _header_match(ctx: _Ctx, hm: route_components_pb2.HeaderMatcher, path: str) 
     _only(ctx, hm, {"name", "string_match", "present_match", "invert_match", "exact_match",
                     "prefix_match", "suffix_match", "safe_regex_match"}, path)
     name = hm.name.lower().encode()
-    if not name or name.startswith(b":"):
-        raise ctx.fail(f"{path}.name", "a regular header name is required (pseudo-headers are not supported)")
+    if not name or (name.startswith(b":") and name not in PSEUDO_HEADERS):
+        raise ctx.fail(f"{path}.name", "a regular header name, :method, :authority or :scheme is required")
     which = hm.WhichOneof("header_match_specifier")
     if which == "string_match":
         kind, value, rx = _string_match(ctx, hm.string_match, f"{path}.string_match")
@@ -58,12 +75,19 @@ def _header_match(ctx: _Ctx, hm: route_components_pb2.HeaderMatcher, path: str) 
     return model.HeaderMatch(name, kind, value, rx, invert=hm.invert_match)
 
 
-def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str) -> model.Route:
-    _only(ctx, r, {"name", "match", "route", "metadata", "decorator"}, path)
-    if not r.HasField("route"):
-        raise ctx.fail(f"{path}.action", "only route actions are supported (no redirect or direct_response yet)")
+_ROUTE_FIELDS = {"name", "match", "route", "redirect", "direct_response", "metadata", "decorator",
+                 "request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
+                 "response_headers_to_remove", "typed_per_filter_config"}
+_ACTION_FIELDS = {"cluster", "weighted_clusters", "timeout", "hash_policy", "retry_policy", "request_mirror_policies",
+                  "prefix_rewrite", "regex_rewrite", "host_rewrite_literal", "max_stream_duration"}
+_NO_VHOST = route_components_pb2.VirtualHost()  # no header mutation of its own
+
+
+def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str,
+           vhost: route_components_pb2.VirtualHost = _NO_VHOST, vhost_path: str = "") -> model.Route:
+    _only(ctx, r, _ROUTE_FIELDS, path)
     m = r.match
-    _only(ctx, m, {"prefix", "path", "safe_regex", "headers"}, f"{path}.match")
+    _only(ctx, m, {"prefix", "path", "safe_regex", "headers", "query_parameters", "case_sensitive"}, f"{path}.match")
     spec = m.WhichOneof("path_specifier")
     rx = None
     if spec == "prefix":
@@ -76,15 +100,39 @@ def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str) -> model.Route:
     else:
         raise ctx.fail(f"{path}.match", "a path specifier (prefix, path or safe_regex) is required")
     headers = tuple(_header_match(ctx, h, f"{path}.match.headers[{i}]") for i, h in enumerate(m.headers))
+    extras: dict[str, Any] = {
+        "query": tuple(query_match(ctx, q, f"{path}.match.query_parameters[{i}]", _string_match)
+                       for i, q in enumerate(m.query_parameters)),
+        "case_sensitive": m.case_sensitive.value if m.HasField("case_sensitive") else True,
+        "mutation": header_mutation(ctx, r, path, vhost, vhost_path),
+        "fault": route_fault(ctx, r.typed_per_filter_config, f"{path}.typed_per_filter_config"),
+    }
+    action = r.WhichOneof("action")
+    if action == "redirect":
+        return model.Route(r.name, kind, value, rx, headers, "", redirect=redirect(ctx, r.redirect, f"{path}.redirect"),
+                           **extras)
+    if action == "direct_response":
+        return model.Route(r.name, kind, value, rx, headers, "",
+                           direct=direct_response(ctx, r.direct_response, f"{path}.direct_response"), **extras)
+    if action != "route":
+        raise ctx.fail(f"{path}.action", "route, redirect or direct_response is required")
     a = r.route
-    _only(ctx, a, {"cluster", "weighted_clusters", "timeout", "hash_policy"}, f"{path}.route")
+    _only(ctx, a, _ACTION_FIELDS, f"{path}.route")
     timeout = _seconds(a.timeout) if a.HasField("timeout") else ENVOY_DEFAULT_ROUTE_TIMEOUT
-    hp = tuple(_hash_policy(ctx, h, f"{path}.route.hash_policy[{i}]") for i, h in enumerate(a.hash_policy))  # [lb]
+    extras["hash_policy"] = tuple(_hash_policy(ctx, h, f"{path}.route.hash_policy[{i}]")
+                                  for i, h in enumerate(a.hash_policy))  # [lb]
+    extras["rewrite"] = rewrite(ctx, a, f"{path}.route", kind)
+    extras["mirrors"] = mirrors(ctx, a.request_mirror_policies, f"{path}.route.request_mirror_policies")
+    if a.HasField("retry_policy"):
+        extras["retry"] = retry(ctx, a.retry_policy, f"{path}.route.retry_policy")
+    if a.HasField("max_stream_duration"):
+        extras["grpc_timeout"], extras["grpc_timeout_max"] = grpc_timeout(
+            ctx, a.max_stream_duration, f"{path}.route.max_stream_duration")
     which = a.WhichOneof("cluster_specifier")
     if which == "cluster":
         if not a.cluster:
             raise ctx.fail(f"{path}.route.cluster", "must not be empty")
-        return model.Route(r.name, kind, value, rx, headers, a.cluster, timeout=timeout, hash_policy=hp)
+        return model.Route(r.name, kind, value, rx, headers, a.cluster, timeout=timeout, **extras)
     if which == "weighted_clusters":
         wc = a.weighted_clusters
         _only(ctx, wc, {"clusters", "total_weight"}, f"{path}.route.weighted_clusters")
@@ -96,7 +144,7 @@ def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str) -> model.Route:
         if not out:
             raise ctx.fail(f"{path}.route.weighted_clusters", "at least one cluster needs a positive weight")
         total = sum(w.weight for w in out)
-        return model.Route(r.name, kind, value, rx, headers, out[0].name, tuple(out), total, timeout, hp)
+        return model.Route(r.name, kind, value, rx, headers, out[0].name, tuple(out), total, timeout, **extras)
     raise ctx.fail(f"{path}.route", "cluster or weighted_clusters is required")
 
 
@@ -110,8 +158,9 @@ def compile_route_config(rc: route_pb2.RouteConfiguration, name: str | None = No
     vhosts = []
     for i, v in enumerate(rc.virtual_hosts):
         path = f"virtual_hosts[{i}]"
-        _only(ctx, v, {"name", "domains", "routes", "metadata"}, path)
-        routes = tuple(_route(ctx, r, f"{path}.routes[{j}]") for j, r in enumerate(v.routes))
+        _only(ctx, v, {"name", "domains", "routes", "metadata", "request_headers_to_add", "request_headers_to_remove",
+                       "response_headers_to_add", "response_headers_to_remove"}, path)
+        routes = tuple(_route(ctx, r, f"{path}.routes[{j}]", v, path) for j, r in enumerate(v.routes))
         vh = model.VirtualHost(v.name, tuple(v.domains), routes)
         vhosts.append(vh)
         for d in v.domains:

@@ -62,14 +62,15 @@ def test_route_defaults_follow_envoy():
 def test_unsupported_route_fields_are_refused_with_their_path():
     rc = _route_config()
     rc.virtual_hosts[0].routes[0].route.retry_policy.retry_on = "5xx"
+    rc.virtual_hosts[0].routes[0].route.retry_policy.retry_priority.name = "p"
     with pytest.raises(InvalidResource) as e:
         compile_route_config(rc)
     assert e.value.type_name == "RouteConfiguration" and e.value.name == "9080"
-    assert e.value.field == "virtual_hosts[0].routes[0].route.retry_policy"
+    assert e.value.field == "virtual_hosts[0].routes[0].route.retry_policy.retry_priority"
 
     rc = _route_config()
-    rc.virtual_hosts[0].routes[1].redirect.host_redirect = "x"
-    with pytest.raises(InvalidResource, match=r"virtual_hosts\[0\].routes\[1\]"):
+    rc.virtual_hosts[0].routes[1].redirect.regex_rewrite.substitution = "x"
+    with pytest.raises(InvalidResource, match=r"virtual_hosts\[0\].routes\[1\].redirect.regex_rewrite"):
         compile_route_config(rc)
 
     rc = _route_config()
@@ -115,10 +116,15 @@ def test_unsupported_cluster_settings_are_refused():
     with pytest.raises(InvalidResource, match="STRICT_DNS"):
         compile_snapshot(XdsResources(clusters=[c]))
     c = _cluster("x", type=cluster_pb2.Cluster.STATIC)
-    c.circuit_breakers.thresholds.add().max_connections.value = 1
+    c.circuit_breakers.thresholds.add(priority=1).max_connections.value = 1  # HIGH
     with pytest.raises(InvalidResource) as e:
         compile_snapshot(XdsResources(clusters=[c]))
-    assert e.value.field == "circuit_breakers"
+    assert e.value.field == "circuit_breakers.thresholds[0].priority"
+    c = _cluster("x", type=cluster_pb2.Cluster.STATIC)
+    c.circuit_breakers.per_host_thresholds.add().max_connections.value = 1
+    with pytest.raises(InvalidResource) as e:
+        compile_snapshot(XdsResources(clusters=[c]))
+    assert e.value.field == "circuit_breakers.per_host_thresholds"
 
 
 def test_listener_needs_its_route_config_and_unique_address():
