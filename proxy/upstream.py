@@ -354,11 +354,11 @@ class Pool:
 
     def connect(self, done: Callable[[UpstreamConnection | None, ProxyError | None], None]) -> asyncio.Task[None]:
         """Open a new connection; ``done(conn, None)`` or ``done(None, error)`` is called once."""
+        self.stats.cx_connecting += 1  # counted now: the breaker sees it before the task runs
         return self.loop.create_task(self._connect(done))
 
     async def _connect(self, done: Callable[[UpstreamConnection | None, ProxyError | None], None]) -> None:
         stats = self.stats
-        stats.cx_connecting += 1
         finished = False
 
         def once(conn: UpstreamConnection | None, err: ProxyError | None) -> None:
