@@ -158,12 +158,15 @@ def _eds_cluster(name: str) -> cluster_pb2.Cluster:
 
 
 def original_dst_cluster(name: str) -> cluster_pb2.Cluster:
-    return cluster_pb2.Cluster(
+    """An ORIGINAL_DST cluster (passthrough), with the default circuit breakers."""
+    cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.ORIGINAL_DST,
         connect_timeout=duration(CONNECT_TIMEOUT_SECONDS),
         lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
     )
+    apply_traffic(cluster, Protocol.TCP, False, None, None)
+    return cluster
 
 
 def _workloads(scope: Scope, se: ServiceEntry) -> list[tuple[str, Workload]]:

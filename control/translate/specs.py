@@ -36,6 +36,7 @@ PORT = Int(1, 65535)
 STRS = ListOf(STR)
 LABELS = MapOf(STR, STR)
 PERCENT = Number(0.0, 100.0)
+INT32 = Int(0, 2**31 - 1)
 DURATION = Duration()
 
 METADATA = Obj(
@@ -182,15 +183,9 @@ HTTP_REWRITE = Obj(
     }
 )
 HTTP_REDIRECT = Obj(
-    {
-        "uri": STR,
-        "authority": STR,
-        "port": PORT,
-        "scheme": STR,
-        "redirectCode": UINT,
-        "derivePort": Enum((), ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT")),
-    }
-)
+    {"uri": STR, "authority": STR, "port": PORT, "scheme": STR, "redirectCode": UINT,
+     "derivePort": Enum((), ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"))}
+)  # fmt: skip
 HTTP_DIRECT_RESPONSE = Obj(
     {"status": UINT, "body": Obj({"string": STR, "bytes": STR}, one_of=("string", "bytes"))},
     required=("status",),
@@ -208,12 +203,7 @@ HTTP_FAULT = Obj(
     }
 )
 HTTP_RETRY = Obj(
-    {
-        "attempts": Int(0, 2**31 - 1),
-        "perTryTimeout": DURATION,
-        "retryOn": STR,
-        "retryRemoteLocalities": BOOL,
-    }
+    {"attempts": INT32, "perTryTimeout": DURATION, "retryOn": STR, "retryRemoteLocalities": BOOL}
 )
 HTTP_ROUTE = Obj(
     {
@@ -297,7 +287,6 @@ CLIENT_TLS_SETTINGS = Obj(
     },
     unsupported=("credentialName", "caCrl"),
 )
-INT32 = Int(0, 2**31 - 1)
 CONNECTION_POOL = Obj(
     {
         "tcp": Obj(

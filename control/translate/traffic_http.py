@@ -279,6 +279,7 @@ def _retries(raw: dict[str, Any], path: str, b: Build) -> Retries:
     conditions: list[str] = []
     codes: list[int] = []
     text = raw.get("retryOn", "")
+    wrong = False
     for item in (part.strip() for part in text.split(",")) if text else ():
         if item.isdigit():
             if not 100 <= int(item) <= 599:
@@ -287,10 +288,12 @@ def _retries(raw: dict[str, Any], path: str, b: Build) -> Retries:
         elif item in RETRY_ON:
             conditions.append(item)
         elif item in RETRY_ON_LATER:
+            wrong = True
             b(f"{path}.retryOn", f"{item} is not supported yet")
         else:
+            wrong = True
             b(f"{path}.retryOn", f"unknown retry condition {item!r}; one of {', '.join(sorted(RETRY_ON))} or a status code")
-    if text and not conditions and not codes:
+    if text and not conditions and not codes and not wrong:
         b(f"{path}.retryOn", "must name at least one condition")
     if codes and "retriable-status-codes" not in conditions:
         conditions.append("retriable-status-codes")
