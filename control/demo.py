@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -155,6 +156,9 @@ async def _wait_ready(admin_port: int, proc: asyncio.subprocess.Process, timeout
     return False
 
 
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -235,8 +239,7 @@ async def run_demo(duration: float, keep_dir: bool) -> int:
         _, _, metrics = await _http(admin_port, "GET", "/stats/prometheus", "admin")
         for line in metrics.decode().splitlines():
             if line.startswith("istio_requests_total") or line.startswith("istio_tcp_connections_opened_total"):
-                labels = {k: v.strip('"') for k, v in
-                          (kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))}
+                labels = dict(_LABEL.findall(line))
                 _say(f"   {line.split('{')[0]} cluster={labels['destination_cluster']} "
                      f"code={labels.get('response_code', '-')} flags={labels.get('response_flags')}: {line.rsplit(' ', 1)[1]}")
 

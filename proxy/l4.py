@@ -103,14 +103,22 @@ class TcpDownstream(asyncio.Protocol):
             ctx.stats.count_local_reply("RBAC")
             transport.abort()
             return
-        rt = ctx.clusters.get(tcp.cluster)
+        name = tcp.cluster
+        if tcp.weighted:  # [traffic] weighted TCP routes: one pick per connection
+            point = ctx.random() * tcp.total_weight
+            for wc in tcp.weighted:
+                point -= wc.weight
+                if point < 0:
+                    name = wc.name
+                    break
+        rt = ctx.clusters.get(name)
         if rt is None:
             ep = None
         else:
             ep = rt.pick_original(self.original_dst) if rt.spec.original_dst else rt.lb.pick()
         if rt is None or ep is None:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("tcp %s: no cluster or endpoint for %s", self.listener.name, tcp.cluster)
+                log.debug("tcp %s: no cluster or endpoint for %s", self.listener.name, name)
             ctx.stats.count_local_reply("UH" if rt is not None else "NC")
             transport.abort()
             return

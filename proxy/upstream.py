@@ -260,7 +260,7 @@ class Pool:
     connection serves at most ``max_uses`` requests (0: unlimited).
     """
 
-    __slots__ = ("_all", "connect_timeout", "host", "idle", "limits", "loop", "max_uses", "port", "provider",
+    __slots__ = ("_all", "connect_timeout", "connecting", "host", "idle", "limits", "loop", "max_uses", "port", "provider",
                  "retired", "stats", "tls", "waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, connect_timeout: float,
@@ -278,6 +278,7 @@ class Pool:
         self.limits: CircuitBreakers = DEFAULT_LIMITS
         self.max_uses = 0
         self.waiters: deque[Done] = deque()  # requests waiting for a connection (max_connections reached)
+        self.connecting = 0  # this endpoint's connections being opened
 
     # ---- [traffic] circuit breakers
     def acquire(self, done: Done) -> UpstreamConnection | None:
@@ -291,7 +292,7 @@ class Pool:
             stats.rq_pending_overflow += 1
             raise UpstreamOverflowError()
         stats.rq_pending_active += 1
-        if stats.cx_active + stats.cx_connecting < limits.max_connections:
+        if self._may_open():
             self.connect(self._pending_done(done))
         else:
             stats.cx_overflow += 1
@@ -316,11 +317,16 @@ class Pool:
 
     def _serve_waiter(self) -> None:
         """Capacity freed up: open a connection for the request waiting longest."""
-        if self.waiters and not self.retired:
-            stats = self.stats
-            if stats.cx_active + stats.cx_connecting < self.limits.max_connections:
-                done = self.waiters.popleft()
-                self.connect(self._pending_done(done))
+        if self.waiters and not self.retired and self._may_open():
+            done = self.waiters.popleft()
+            self.connect(self._pending_done(done))
+
+    def _may_open(self) -> bool:
+        """Below the cluster's max_connections, or this endpoint has no connection at all (as
+        Envoy: other endpoints' connections must not leave its requests with nothing to wait for)."""
+        stats = self.stats
+        return (stats.cx_active + stats.cx_connecting < self.limits.max_connections
+                or (not self._all and not self.connecting))
     # ---- [traffic] end
 
     def checkout(self) -> UpstreamConnection | None:
@@ -355,6 +361,7 @@ class Pool:
     def connect(self, done: Callable[[UpstreamConnection | None, ProxyError | None], None]) -> asyncio.Task[None]:
         """Open a new connection; ``done(conn, None)`` or ``done(None, error)`` is called once."""
         self.stats.cx_connecting += 1  # counted now: the breaker sees it before the task runs
+        self.connecting += 1
         return self.loop.create_task(self._connect(done))
 
     async def _connect(self, done: Callable[[UpstreamConnection | None, ProxyError | None], None]) -> None:
@@ -365,6 +372,7 @@ class Pool:
             nonlocal finished
             finished = True
             stats.cx_connecting -= 1  # before ``done``: it may hand the slot to a waiting request
+            self.connecting -= 1
             done(conn, err)
 
         try:
@@ -372,6 +380,7 @@ class Pool:
         finally:
             if not finished:
                 stats.cx_connecting -= 1
+                self.connecting -= 1
 
     async def _open(self, done: Callable[[UpstreamConnection | None, ProxyError | None], None]) -> None:
         stats = self.stats

@@ -77,13 +77,13 @@ async def test_connect_failure_is_retried_and_flagged_when_it_runs_out() -> None
 
 
 async def test_a_reset_is_retried_with_the_request_body_replayed() -> None:
-    async with FixedUpstream(lambda n: "reset" if n == 0 else 200) as up:
-        async with serve(snapshot([route(retry=retry("reset"))], [cluster("c", up.port)])) as px:
-            body = b"x" * 5000
-            r = await one_request(px.port, b"POST /p HTTP/1.1\r\nhost: svc\r\ncontent-length: %d\r\n\r\n%s"
-                                  % (len(body), body))
-            assert r.status == 200
-            assert len(up.seen) == 2 and up.seen[0] == up.seen[1] and up.seen[1].endswith(body)
+    async with FixedUpstream(lambda n: "reset" if n == 0 else 200) as up, \
+            serve(snapshot([route(retry=retry("reset"))], [cluster("c", up.port)])) as px:
+        body = b"x" * 5000
+        r = await one_request(px.port, b"POST /p HTTP/1.1\r\nhost: svc\r\ncontent-length: %d\r\n\r\n%s"
+                              % (len(body), body))
+        assert r.status == 200
+        assert len(up.seen) == 2 and up.seen[0] == up.seen[1] and up.seen[1].endswith(body)
 
 
 async def test_per_try_timeout_moves_on_to_the_next_host() -> None:
@@ -157,11 +157,11 @@ async def test_max_requests_overflow() -> None:
 
 
 async def test_max_requests_per_connection_opens_a_new_connection() -> None:
-    async with FixedUpstream(lambda n: 200) as up:
-        async with serve(snapshot([route()], [cluster("c", up.port, max_requests_per_connection=1)])) as px:
-            for _ in range(3):
-                assert (await one_request(px.port, GET)).status == 200
-            assert len(up.transports) == 3
+    async with FixedUpstream(lambda n: 200) as up, \
+            serve(snapshot([route()], [cluster("c", up.port, max_requests_per_connection=1)])) as px:
+        for _ in range(3):
+            assert (await one_request(px.port, GET)).status == 200
+        assert len(up.transports) == 3
 
 
 async def test_outlier_detection_ejects_a_failing_host_and_brings_it_back() -> None:

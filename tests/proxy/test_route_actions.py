@@ -49,7 +49,7 @@ async def test_fault_delay_holds_the_request_then_forwards_it() -> None:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             r = await one_request(px.port, get())
-            assert r.status == 200 and loop.time() - t0 >= 0.3
+            assert r.status == 200 and loop.time() - t0 >= 0.29  # timers may fire a hair early (ms clock)
             assert px.flags() == {(200, "DI"): 1} and px.stats().fault_delays == 1
 
 
@@ -154,7 +154,7 @@ async def test_mirror_percentage() -> None:
 
 
 async def test_grpc_timeout_header_bounds_the_request() -> None:
-    async with FixedUpstream(lambda n: "hang") as up:
-        async with serve(snapshot([route(timeout=30, grpc_timeout=True)], [cluster("c", up.port)])) as px:
-            r = await one_request(px.port, get(extra="content-type: application/grpc\r\ngrpc-timeout: 200m\r\n"))
-            assert r.status == 200 and r.header("grpc-status") == "4"  # DEADLINE_EXCEEDED, trailers-only
+    async with FixedUpstream(lambda n: "hang") as up, \
+            serve(snapshot([route(timeout=30, grpc_timeout=True)], [cluster("c", up.port)])) as px:
+        r = await one_request(px.port, get(extra="content-type: application/grpc\r\ngrpc-timeout: 200m\r\n"))
+        assert r.status == 200 and r.header("grpc-status") == "4"  # DEADLINE_EXCEEDED, trailers-only
