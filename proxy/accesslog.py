@@ -34,6 +34,7 @@ QUEUE_LIMIT = 16384
 # Record kinds (first field after the AccessLog).
 HTTP = 0
 TCP = 1
+PROTOCOL_HTTP2 = 2  # [http2] the record's "http10" field of an HTTP/2 stream (False: HTTP/1.1, True: HTTP/1.0)
 
 _STD = {"/dev/stdout": 1, "/dev/stderr": 2}
 
@@ -141,7 +142,7 @@ def http_fields(rec: tuple[Any, ...], wall_now: float, loop_now: float) -> dict[
         "start_time": _iso(wall_now - (loop_now - t0)),
         "method": _s(method) or None,
         "path": _s(path) or None,
-        "protocol": "HTTP/1.0" if http10 else "HTTP/1.1",
+        "protocol": "HTTP/2" if http10 == PROTOCOL_HTTP2 else "HTTP/1.0" if http10 else "HTTP/1.1",
         "response_code": code,
         "response_flags": flags or "-",
         "bytes_received": rx,

@@ -23,6 +23,7 @@ from proxy.resilience import Outlier
 from proxy.stats import ClusterStats, StatsStore
 from proxy.tls import TlsProvider
 from proxy.upstream import Pool
+from proxy.upstream_h2 import H2Pool
 
 # ORIGINAL_DST clusters make an endpoint (and a pool) per destination; past this many
 # they start over (Envoy instead sweeps unused hosts every cleanup_interval, 5 s).
@@ -30,8 +31,8 @@ MAX_ORIGINAL_DST = 256
 
 
 class ClusterRuntime:
-    __slots__ = ("_outlier_timer", "active", "dst_endpoints", "lb", "loop", "outlier", "pools", "retries_active",
-                 "spec", "stats", "tls")
+    __slots__ = ("_outlier_timer", "active", "dst_endpoints", "h2_pools", "lb", "loop", "outlier", "pools",
+                 "retries_active", "spec", "stats", "tls")
 
     def __init__(self, spec: Cluster, stats: ClusterStats, pools: dict[Endpoint, Pool], tls: TlsProvider,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -44,14 +45,22 @@ class ClusterRuntime:
         self.lb: LoadBalancer = make_lb(spec.lb_policy, spec.endpoints, active=self.active,
                                         ring_size=spec.ring_size)
         self.pools = pools
+        self.h2_pools: dict[Endpoint, H2Pool] = {}  # [http2] multiplexed connections per endpoint
         self.dst_endpoints: dict[tuple[str, int], Endpoint] = {}
         self.retries_active = 0  # [traffic] retries in flight (the retry budget / max_retries)
         self.outlier: Outlier | None = Outlier(spec.outlier) if spec.outlier is not None else None
         self._outlier_timer: asyncio.TimerHandle | None = None
 
-    def h2_pool(self, ep: Endpoint, loop: asyncio.AbstractEventLoop) -> Pool:
-        """[http2] The multiplexed HTTP/2 pool of ``ep`` (issue 5's HTTP/2 work fills this in)."""
-        raise NotImplementedError("HTTP/2 upstreams are not implemented yet")
+    def h2_pool(self, ep: Endpoint, loop: asyncio.AbstractEventLoop) -> H2Pool:
+        """[http2] The multiplexed HTTP/2 pool of ``ep``."""
+        pool = self.h2_pools.get(ep)
+        if pool is None:
+            spec = self.spec
+            pool = self.h2_pools[ep] = H2Pool(loop, ep.host, ep.port, spec.connect_timeout, self.stats, ep.tls,
+                                              self.tls, spec.h2_max_concurrent_streams)
+            pool.limits = spec.limits
+            pool.max_uses = spec.max_requests_per_connection
+        return pool
 
     # ---- [traffic] outlier detection
     def record_outcome(self, ep: Endpoint, status: int) -> None:
@@ -146,17 +155,29 @@ class ClusterManager:
                     else:
                         _retire(pool)
             new[name] = ClusterRuntime(spec, stats, pools, self.tls, self.loop)
+            if prev is not None:  # [http2] HTTP/2 pools: kept (with new limits) or retired like the others
+                for ep, h2p in prev.h2_pools.items():
+                    if ep in keep and h2p.connect_timeout == spec.connect_timeout and spec.http2 == prev.spec.http2:
+                        h2p.limits = spec.limits
+                        h2p.max_uses = spec.max_requests_per_connection
+                        new[name].h2_pools[ep] = h2p
+                    else:
+                        h2p.retire()
         for name, prev in old.items():
             if name not in new:
                 prev.stop()
                 for pool in prev.pools.values():
                     _retire(pool)
+                for h2p in prev.h2_pools.values():  # [http2]
+                    h2p.retire()
         self.clusters = new
 
     def close(self) -> None:
         for rt in self.clusters.values():
             for pool in rt.pools.values():
                 pool.close()
+            for h2p in rt.h2_pools.values():  # [http2]
+                h2p.close()
 
 
 _rng = random.Random()

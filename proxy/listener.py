@@ -22,9 +22,11 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from proxy.capture import Address, capture_ports, handoff_index, original_dst, route
 from proxy.context import Context
+from proxy.h2conn import H2ServerConnection
 from proxy.hcm import HttpConnection
 from proxy.l4 import TcpDownstream
 from proxy.model import Listener, Protocol
@@ -49,10 +51,99 @@ class InterceptedHttpConnection(HttpConnection):
 def make_protocol(ctx: Context, spec: Listener, stats: ListenerStats, dst: Address | None = None) -> asyncio.BaseProtocol:
     """The protocol serving one connection of ``spec`` (``dst``: its original destination, if captured)."""
     if spec.protocol is Protocol.HTTP:
-        return HttpConnection(ctx, spec, stats) if dst is None else InterceptedHttpConnection(ctx, spec, stats, dst)
+        if spec.http is not None and spec.http.codec != "HTTP1":  # [http2] HTTP/2 by ALPN or preface
+            return ProtocolSelect(ctx, spec, stats, dst)
+        return _http1(ctx, spec, stats, dst)
     conn = TcpDownstream(ctx, spec, stats)
     conn.original_dst = dst
     return conn
+
+
+def _http1(ctx: Context, spec: Listener, stats: ListenerStats, dst: Address | None) -> HttpConnection:
+    return HttpConnection(ctx, spec, stats) if dst is None else InterceptedHttpConnection(ctx, spec, stats, dst)
+
+
+# ---- [http2] which codec serves a connection
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class ProtocolSelect(asyncio.Protocol):
+    """Picks HTTP/1.1 or HTTP/2 for one connection of an HTTP listener, then steps aside.
+
+    TLS: the ALPN protocol the handshake settled on ("h2": HTTP/2). Otherwise the
+    codec setting ("HTTP2": always HTTP/2), or, for "AUTO", the first bytes: the
+    h2c prior-knowledge preface means HTTP/2, anything else HTTP/1.1. The chosen
+    protocol replaces this one on the transport and gets the bytes read so far.
+    Until then this object stands in the worker's connection set (drain, idle sweep).
+    """
+
+    __slots__ = ("buf", "ctx", "dst", "idle_tick", "listener", "stats", "transport")
+
+    def __init__(self, ctx: Context, spec: Listener, stats: ListenerStats, dst: Address | None) -> None:
+        self.ctx = ctx
+        self.listener = spec
+        self.stats = stats
+        self.dst = dst
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.idle_tick = ctx.tick
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        sslobj = transport.get_extra_info("ssl_object")
+        alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
+        codec = self.listener.http.codec if self.listener.http is not None else "AUTO"
+        if alpn == "h2" or codec == "HTTP2":
+            self._switch(True)
+        elif alpn == "http/1.1":
+            self._switch(False)
+        else:
+            self.ctx.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        n = len(H2_PREFACE)
+        if len(buf) < n and H2_PREFACE.startswith(buf):
+            self.buf = buf  # could still be the preface
+            return
+        self.buf = buf
+        self._switch(buf[:n] == H2_PREFACE)
+        self.ctx.forget(self)  # after the chosen protocol joined the set (an empty set ends a drain)
+
+    def _switch(self, h2: bool) -> None:
+        t = self.transport
+        assert t is not None
+        proto: asyncio.Protocol
+        if h2:
+            proto = H2ServerConnection(self.ctx, self.listener, self.stats, self.dst)
+        else:
+            proto = _http1(self.ctx, self.listener, self.stats, self.dst)
+        t.set_protocol(proto)
+        proto.connection_made(t)
+        buf, self.buf = self.buf, b""
+        if buf and not t.is_closing():
+            proto.data_received(buf)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.forget(self)
+        self.transport = None
+
+    # the worker's connection set, until a codec is chosen
+    def drain(self) -> None:
+        """Nothing to finish yet: the chosen codec sees ``ctx.draining`` when it takes over."""
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def on_tick(self, tick: int) -> None:
+        http = self.listener.http
+        if http is not None and http.idle_timeout and (tick - self.idle_tick) * self.ctx.tick_seconds >= http.idle_timeout:
+            self.abort()
+# ---- [http2] end
 
 
 class BoundListener:
@@ -241,10 +332,7 @@ class ListenerManager:
         ctx = self.ctx
 
         def make() -> asyncio.BaseProtocol:
-            spec = bl.spec
-            if spec.protocol is Protocol.HTTP:
-                return HttpConnection(ctx, spec, bl.stats)
-            return TcpDownstream(ctx, spec, bl.stats)
+            return make_protocol(ctx, bl.spec, bl.stats)
 
         return make
 
