@@ -68,7 +68,7 @@ def _grpc_message(err: ProxyError) -> bytes:
 
 class H2ServerConnection(asyncio.Protocol):
     __slots__ = (
-        "_blocked", "_closing", "_goaway_sent", "_handlers", "_idle_tick", "_in_feed", "_last_sid",
+        "_blocked", "_closing", "_goaway_sent", "_handlers", "_heads", "_idle_tick", "_in_feed", "_last_sid",
         "_rst_count", "_rst_start", "client_ip", "ctx", "h2", "listener", "lstats", "max_frame", "original_dst",
         "peer", "streams", "transport", "write_paused",
     )
@@ -86,6 +86,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.h2 = GracefulH2(config=_SERVER_CONFIG)
         self.streams: dict[int, H2Stream] = {}
         self._blocked: set[H2Stream] = set()  # streams with response bytes waiting for window
+        self._heads: list[H2Stream] = []  # streams whose response HEADERS wait for the next flush
         self._in_feed = False
         self.write_paused = False
         self._closing = False
@@ -300,10 +301,20 @@ class H2ServerConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ responses
     def send_head(self, st: H2Stream, headers: list[tuple[bytes, bytes]]) -> None:
-        if self.transport is not None:
-            self.h2.send_headers(st.sid, headers)
+        """Held until the body, the end or the next flush: a response that ends right away goes out as
+        one HEADERS frame with END_STREAM (gRPC's trailers-only form must stay that way)."""
+        st.head = headers
+        self._heads.append(st)
+
+    def _emit_head(self, st: H2Stream, end: bool = False) -> None:
+        head = st.head
+        st.head = None
+        if head is not None and self.transport is not None:
+            self.h2.send_headers(st.sid, head, end_stream=end)
 
     def send_body(self, st: H2Stream, data: bytes) -> None:
+        if st.head is not None:
+            self._emit_head(st)
         if st.pend:
             st.pend.append(data)
             st.pend_bytes += len(data)
@@ -339,6 +350,10 @@ class H2ServerConnection(asyncio.Protocol):
                 st.upstream.pause_reading()
 
     def send_end(self, st: H2Stream, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if st.head is not None:
+            self._emit_head(st, end=not trailers)
+            if not trailers:
+                return
         if st.pend:
             st.pend_end = trailers if trailers else True
             return
@@ -450,6 +465,12 @@ class H2ServerConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ output, lifecycle
     def flush(self) -> None:
+        heads = self._heads
+        if heads:
+            for st in heads:
+                if st.head is not None and self.streams.get(st.sid) is st:
+                    self._emit_head(st)
+            heads.clear()
         t = self.transport
         if t is not None:
             data = self.h2.data_to_send()

@@ -294,7 +294,8 @@ class Stream(Forwarder):
             return
         route = self.route
         retry = route.retry if route is not None else None
-        if retry is not None and self.keep is not None and status >= 400:  # [traffic] a retriable response?
+        # [traffic] a retriable response? [http2] gRPC failures come as 200 with grpc-status (trailers-only)
+        if retry is not None and self.keep is not None and (status >= 400 or self.grpc):
             grpc_status = None
             if self.grpc:
                 for n, v in headers:

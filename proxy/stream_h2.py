@@ -50,6 +50,7 @@ class H2Stream(Stream):
     __slots__ = (
         "client_ip",
         "h2",
+        "head",
         "listener",
         "original_dst",
         "peer",
@@ -71,6 +72,7 @@ class H2Stream(Stream):
         self.original_dst = h2.original_dst
         self.http10 = PROTOCOL_HTTP2  # type: ignore[assignment]  # the access log's protocol field
         self.recv_paused = False
+        self.head: list[tuple[bytes, bytes]] | None = None  # response HEADERS not yet handed to h2
         self.unacked = 0  # flow-controlled bytes received and not yet handed back to the client
         self.pend: list[bytes] = []  # response bytes waiting for the client's window
         self.pend_bytes = 0
