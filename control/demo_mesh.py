@@ -43,6 +43,7 @@ class Workload:
     version: str
     index: int  # picks the loopback addresses
     calls: tuple[str, ...] = ()  # services this app calls
+    fail_every: int = 0  # the app answers 503 to every Nth request (retries recover them)
 
     @property
     def pod_ip(self) -> str:
@@ -67,7 +68,7 @@ WORKLOADS = (
     Workload("reviews-v1", "reviews", "v1", 12),
     Workload("reviews-v2", "reviews", "v2", 13, ("ratings",)),
     Workload("reviews-v3", "reviews", "v3", 14, ("ratings",)),
-    Workload("ratings-v1", "ratings", "v1", 15),
+    Workload("ratings-v1", "ratings", "v1", 15, fail_every=5),
 )
 SERVICES = ("productpage", "details", "reviews", "ratings")
 
@@ -158,6 +159,26 @@ spec:
       weight: 50
     - destination: {host: reviews, subset: v3}
       weight: 50
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings]
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      abort: {percentage: {value: 10}, httpStatus: 503}
+      delay: {percentage: {value: 50}, fixedDelay: 100ms}
+    route:
+    - destination: {host: ratings}
+    retries: {attempts: 3, retryOn: 5xx}
+  - route:
+    - destination: {host: ratings}
+    retries: {attempts: 3, retryOn: 5xx}
 ---
 apiVersion: security.istio.io/v1beta1
 kind: PeerAuthentication
@@ -278,19 +299,20 @@ async def run_mesh_demo(duration: float, keep: bool) -> int:
                               "--name", w.name, "--service-account", w.service_account, "--instance-ip", w.pod_ip,
                               "--admin-port", str(admin_ports[w.name]), "--log-level", "warning")
             calls = [a for svc in w.calls for a in ("--call", f"{w.egress_ip}:{HTTP}/{svc}/{svc}")]
+            flaky = ["--fail-every", str(w.fail_every)] if w.fail_every else []
             await procs.start(f"app-{w.name}", py, "-m", "control.demoapp", "--name", w.app, "--version",
-                              w.version, "--host", "127.0.0.1", "--port", str(w.app_port), *calls)
+                              w.version, "--host", "127.0.0.1", "--port", str(w.app_port), *calls, *flaky)
         for w in WORKLOADS:
             await _wait_ready(admin_ports[w.name], f"sidecar {w.name}", deadline, procs)
         _say(f"   {len(WORKLOADS)} apps, {len(WORKLOADS)} sidecars: certificates issued, config synced, ready\n")
-        await _drive(duration, stop)
+        await _drive(duration, stop, admin_ports)
         if stop.is_set():
             _say("\n-- interrupted")
             return 130
         _say("\n-- the same kind of request as the mesh traced it (pillion traces: OTLP spans from every sidecar)")
         out = b""
         deadline = time.monotonic() + 5  # spans are exported in batches: wait for a whole trace
-        await call_upstream(f"{WORKLOADS[0].pod_ip}:{HTTP}/productpage/productpage", {"end-user": "jason"})
+        await _jason_ok(f"{WORKLOADS[0].pod_ip}:{HTTP}/productpage/productpage")
         while time.monotonic() < deadline:
             traces = await asyncio.create_subprocess_exec(
                 py, "-m", "proxy", "traces", "--server", f"127.0.0.1:{debug}", "--limit", "1",
@@ -330,10 +352,11 @@ async def _wait_ready_debug(port: int, deadline: float, procs: Procs) -> None:
     raise TimeoutError("control server not ready")
 
 
-async def _drive(duration: float, stop: asyncio.Event) -> None:
+async def _drive(duration: float, stop: asyncio.Event, admin_ports: dict[str, int]) -> None:
     entry = WORKLOADS[0]  # productpage: the user calls its sidecar's (PERMISSIVE) port in plaintext
     target = f"{entry.pod_ip}:{HTTP}/productpage/productpage"
     seen: Counter[str] = Counter()
+    ratings: Counter[str] = Counter()  # what reviews got from ratings, per user
     hops: dict[str, str] = {}
     end = time.monotonic() + max(duration, 0.0)
     n = 0
@@ -343,6 +366,11 @@ async def _drive(duration: float, stop: asyncio.Event) -> None:
         doc = await call_upstream(target, {"end-user": user})
         seen[f"{user:<6} -> reviews {_versions(doc)}"] += 1
         _record_hops(doc, hops)
+        for call in _calls(doc):
+            for sub in _calls(call):
+                if sub.get("service") == "ratings":
+                    flags = sub.get("flags")
+                    ratings[f"{user:<6} <- ratings HTTP {sub.get('status')}" + (f" ({flags})" if flags else "")] += 1
         n += 1
         now = time.monotonic()
         if duration > 0 and now - last_print >= 1.0:
@@ -351,12 +379,59 @@ async def _drive(duration: float, stop: asyncio.Event) -> None:
     _say("-- traffic: who answered (VirtualService: jason -> v2, others 50/50 v1/v3)")
     for k, v in sorted(seen.items()):
         _say(f"   {k}: {v}")
+    _say("\n-- faults and retries on ratings (VirtualService ratings: 10% of jason's calls aborted with 503,")
+    _say("   half delayed 100 ms; the ratings app itself fails every 5th call; retries: 3 attempts on 5xx)")
+    for k, v in sorted(ratings.items()):
+        _say(f"   {k}: {v}")
+    totals = await _ratings_counters(admin_ports)
+    _say("   sidecars' counters for ratings: " + ", ".join(f"{k} {int(v)}" for k, v in totals.items()))
     _say("\n-- mutual TLS: the caller identity each service saw (x-forwarded-client-cert)")
     for callee, caller in sorted(hops.items()):
         _say(f"   {callee:<12} <- {caller or 'plaintext (the demo user, PERMISSIVE port)'}")
-    sample = await call_upstream(target, {"end-user": "jason"})
+    sample = await _jason_ok(target)
     _say("\n-- one request's call tree")
     _tree(sample, "   ")
+
+
+_COUNTERS = {
+    "envoy_cluster_upstream_rq_retry": "retries",
+    "envoy_cluster_upstream_rq_retry_success": "retries that succeeded",
+    "envoy_cluster_fault_aborts_injected": "aborts injected",
+    "envoy_cluster_fault_delays_injected": "delays injected",
+}
+
+
+async def _ratings_counters(admin_ports: dict[str, int]) -> dict[str, float]:
+    """The retry and fault counters of every sidecar's ratings clusters (from /stats/prometheus)."""
+    totals = dict.fromkeys(_COUNTERS.values(), 0.0)
+    for port in admin_ports.values():
+        text = await _admin_text(port, "/stats/prometheus")
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in _COUNTERS and "ratings" in line:
+                totals[_COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+async def _admin_text(port: int, path: str) -> str:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    except (OSError, TimeoutError):
+        return ""
+    return raw.partition(b"\r\n\r\n")[2].decode(errors="replace")
+
+
+async def _jason_ok(target: str) -> dict[str, object]:
+    """A request of jason's that the fault did not abort (the sample shows the whole call tree)."""
+    doc: dict[str, object] = {}
+    for _ in range(10):
+        doc = await call_upstream(target, {"end-user": "jason"})
+        if doc.get("status") == 200:
+            break
+    return doc
 
 
 def _record_hops(doc: dict[str, object], hops: dict[str, str]) -> None:

@@ -2,7 +2,8 @@
 
 ``GET /anything`` answers 200 with JSON: service, version, method, path, and
 the request headers the sidecar added (x-request-id, x-forwarded-for, ...).
-``/status/N`` answers status N. Runs on uvloop + httptools, keep-alive, and
+``/status/N`` answers status N; ``--fail-every N`` makes it answer 503 to
+every Nth request (a flaky service, for retries to show). Runs on uvloop + httptools, keep-alive, and
 handles SIGTERM (a container's PID 1 must). Also an async context manager
 for running in-process.
 """
@@ -89,6 +90,8 @@ class _AppConn(asyncio.Protocol):
                 status = 400
         if any(c.get("status") != 200 for c in calls):
             status = 502
+        if self.app.fail_every and self.app.requests % self.app.fail_every == 0:
+            status = 503
         xfcc = headers.get("x-forwarded-client-cert", "")
         doc = {
             "service": self.app.name, "version": self.app.version, "method": method,
@@ -130,7 +133,7 @@ async def call_upstream(target: str, headers: dict[str, str], timeout: float = 5
     flags = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
                   if line.lower().startswith(b"x-pillion-flags:")), "")
     try:
-        doc = json.loads(body) if status == 200 else {"service": host}
+        doc = json.loads(body) if body.startswith(b"{") else {"service": host}  # apps answer JSON, even errors
     except ValueError:
         doc = {"service": host}
     doc["status"] = status
@@ -141,8 +144,9 @@ async def call_upstream(target: str, headers: dict[str, str], timeout: float = 5
 
 class DemoApp:
     def __init__(self, name: str, version: str = "v1", host: str = "127.0.0.1", port: int = 0,
-                 calls: tuple[str, ...] = ()) -> None:
+                 calls: tuple[str, ...] = (), fail_every: int = 0) -> None:
         self.calls = calls  # upstream targets, "ADDR:PORT/HOST/PATH" (see call_upstream)
+        self.fail_every = fail_every
         self.name = name
         self.version = version
         self.host = host
@@ -174,7 +178,7 @@ class DemoApp:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    app = DemoApp(args.name, args.version, args.host, args.port, tuple(args.call))
+    app = DemoApp(args.name, args.version, args.host, args.port, tuple(args.call), args.fail_every)
     port = await app.start()
     print(f"READY {port}", flush=True)
     stop = asyncio.Event()
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--call", action="append", default=[], metavar="ADDR:PORT/HOST/PATH",
                     help="on each request, first GET this upstream (through the sidecar at ADDR:PORT)")
+    ap.add_argument("--fail-every", type=int, default=0, metavar="N",
+                    help="answer 503 to every Nth request (a flaky service)")
     args = ap.parse_args(argv)
     import uvloop
 
