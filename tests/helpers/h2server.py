@@ -250,6 +250,7 @@ class H2Client(asyncio.Protocol):
         self.closed = asyncio.Event()
         self.changed = asyncio.Event()
         self.settings = asyncio.Event()  # the server's SETTINGS arrived
+        self.resets: dict[int, int] = {}  # RST_STREAM codes received, by stream
         self.auto_ack = True
 
     @classmethod
@@ -292,9 +293,11 @@ class H2Client(asyncio.Protocol):
                 r.trailers = _s(ev.headers)
             elif isinstance(ev, h2.events.StreamEnded) and r is not None:
                 self._finish(sid)
-            elif isinstance(ev, h2.events.StreamReset) and r is not None:
-                r.reset = int(ev.error_code)
-                self._finish(sid)
+            elif isinstance(ev, h2.events.StreamReset):
+                self.resets[sid] = int(ev.error_code)
+                if r is not None:
+                    r.reset = int(ev.error_code)
+                    self._finish(sid)
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.goaway = ev
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
