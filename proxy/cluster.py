@@ -78,6 +78,7 @@ class ClusterRuntime:
         assert outlier is not None and self.loop is not None
         spec = self.spec
         self.stats.ejections_active = len(outlier.ejected)
+        self.stats.ejected = {ep.address: 1 for ep in outlier.ejected}
         self.lb = make_lb(spec.lb_policy, outlier.healthy(spec.endpoints), active=self.active,
                           ring_size=spec.ring_size)
         if self._outlier_timer is not None:

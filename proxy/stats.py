@@ -59,6 +59,7 @@ class ClusterStats:
         "cx_overflow",
         "cx_total",
         "direction",
+        "ejected",
         "ejections_active",
         "ejections_total",
         "fault_aborts",
@@ -114,6 +115,7 @@ class ClusterStats:
         self.rq_per_try_timeout = 0
         self.ejections_total = 0  # outlier_detection.ejections_enforced_total
         self.ejections_active = 0
+        self.ejected: dict[str, int] = {}  # "host:port" -> 1 while outlier detection has it out
         self.fault_delays = 0
         self.fault_aborts = 0
         self.rq_mirrored = 0
@@ -141,6 +143,7 @@ class ClusterStats:
         }
         out["service"] = self.service
         out["direction"] = self.direction
+        out["ejected"] = dict(self.ejected)
         out["classes"] = {
             f"{code}|{flags}|{int(mtls)}|{peer}": {
                 "count": c.count,

@@ -336,11 +336,14 @@ class Supervisor:
         cstats = stats.get("clusters", {})
         for name, c in sorted((self.snapshot.clusters if self.snapshot else {}).items()):
             s = cstats.get(name, {})
-            for key in ("rq_total", "rq_active", "cx_active", "cx_connect_fail"):
+            for key in ("rq_total", "rq_active", "cx_active", "cx_connect_fail", "rq_retry", "rq_pending_overflow",
+                        "ejections_active"):
                 lines.append(f"{name}::{key}::{s.get(key, 0)}")
+            ejected = s.get("ejected", {})
             for ep in c.endpoints:
                 lines.append(f"{name}::{ep.host}:{ep.port}::weight::{ep.weight}")
-                lines.append(f"{name}::{ep.host}:{ep.port}::health_flags::healthy")
+                health = "/failed_outlier_check" if ejected.get(ep.address) else "healthy"  # Envoy's spelling
+                lines.append(f"{name}::{ep.host}:{ep.port}::health_flags::{health}")
         return "\n".join(lines) + "\n"
 
     def listeners_info(self) -> list[dict[str, Any]]:

@@ -8,9 +8,11 @@ each upstream saw, and the counters and response flags the proxy recorded.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from proxy import model
-from tests.helpers.net import free_port, one_request
+from tests.helpers.config import HOST, simple_mesh, write
+from tests.helpers.net import free_port, one_request, standalone_proxy
 from tests.helpers.snapshots import FixedUpstream, cluster, route, serve, snapshot
 
 GET = b"GET /x HTTP/1.1\r\nhost: svc\r\n\r\n"
@@ -189,3 +191,30 @@ async def test_outlier_detection_respects_max_ejection_percent() -> None:
             for _ in range(4):
                 await one_request(px.port, GET)
             assert px.stats().ejections_active == 1  # the second host stays: 50% at most
+
+
+async def test_ejections_show_in_admin_clusters_and_prometheus(tmp_path: Path) -> None:
+    """A DestinationRule's outlierDetection, end to end: the ejected host is flagged in /clusters
+    (as Envoy spells it) and counted in /stats/prometheus."""
+    async with FixedUpstream(lambda n: 500) as bad, FixedUpstream(lambda n: 200) as good:
+        port = free_port()
+        rule = f"""apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: upstream, namespace: default}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 3m, maxEjectionPercent: 50}}
+"""
+        write(tmp_path, simple_mesh(port, [bad.port, good.port], extra=rule))
+        async with standalone_proxy(tmp_path) as px:
+            codes = [(await one_request(port, f"GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n".encode())).status
+                     for _ in range(4)]
+            assert codes.count(500) == 1 and len(bad.seen) == 1  # ejected after its first 500
+            _, text = await px.admin_get("/clusters")
+            assert f"127.0.0.1:{bad.port}::health_flags::/failed_outlier_check" in text.decode()
+            assert f"127.0.0.1:{good.port}::health_flags::healthy" in text.decode()
+            _, prom = await px.admin_get("/stats/prometheus")
+            assert "envoy_cluster_outlier_detection_ejections_enforced_total{" in prom.decode()
+            assert 'envoy_cluster_outlier_detection_ejections_active{envoy_cluster_name="outbound|' \
+                   f'{port}||{HOST}"}} 1' in prom.decode()
