@@ -21,47 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import yaml
-
 from control.server import ControlOptions, ControlServer
+from tests.helpers.istio_tasks import BOOKINFO, apps, loopback, metric, task
 from tests.helpers.net import ProxyHandle, free_port, one_request, xds_proxy
 from tests.helpers.poll import poll
-from tests.helpers.upstreams import RecordingUpstream
-
-DATA = Path(__file__).resolve().parent.parent / "control" / "data"
-
-
-def task(name: str) -> str:
-    return (DATA / f"tasks-{name}.yaml").read_text()
-
-
-def loopback(registry: str, port: int, apps: dict[str, int], bind: str = "127.0.0.1") -> str:
-    """The registry YAML with WorkloadEntries on ``apps`` (name -> port), services and the
-    client Sidecar on ``port`` (bound to ``bind``)."""
-    docs = [d for d in yaml.safe_load_all(registry) if d]
-    for d in docs:
-        kind, spec = d["kind"], d["spec"]
-        if kind == "WorkloadEntry":
-            name = d["metadata"]["name"]
-            spec["address"] = "127.0.0.1"
-            spec["ports"] = {spec_port_name(docs, spec): apps[name]} if name in apps else {"http": free_port()}
-        elif kind == "ServiceEntry":
-            for p in spec["ports"]:
-                p["number"] = port
-                p.pop("targetPort", None)
-        elif kind == "Sidecar":
-            for e in spec.get("egress", []):
-                e["port"]["number"] = port
-                e["bind"] = bind
-    return yaml.safe_dump_all(docs, sort_keys=False)
-
-
-def spec_port_name(docs: list[dict[str, Any]], we: dict[str, Any]) -> str:
-    app = we["labels"]["app"]
-    for d in docs:
-        if d["kind"] == "ServiceEntry" and d["spec"].get("workloadSelector", {}).get("labels", {}).get("app") == app:
-            return str(d["spec"]["ports"][0]["name"])
-    return "http"
 
 
 @dataclass
@@ -95,23 +58,6 @@ async def mesh(tmp_path: Path, registry: str, task_yaml: str, app: str, port: in
     async with ControlServer(opts) as server, xds_proxy(f"127.0.0.1:{server.xds_port}",
                                                         labels={"app": app, "version": "v1"}) as px:
         yield Mesh(server, cfg, px, port)
-
-
-@contextlib.asynccontextmanager
-async def apps(*names: str) -> AsyncIterator[dict[str, RecordingUpstream]]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield {n: await stack.enter_async_context(RecordingUpstream(n)) for n in names}
-
-
-def metric(text: str, name: str, cluster_part: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and cluster_part in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-BOOKINFO = ("reviews-v1", "reviews-v2", "reviews-v3", "ratings-v1", "ratings-v2", "details-v1")
 
 
 async def test_request_routing_sends_jason_to_v2(tmp_path: Path) -> None:
