@@ -118,7 +118,7 @@ spec:
   hosts: [{collector}]
   location: MESH_INTERNAL
   resolution: STATIC
-  ports: [{{number: 4317, name: tcp-otlp, protocol: TCP}}]
+  ports: [{{number: 4317, name: grpc-otlp, protocol: GRPC}}]
   endpoints: [{{address: 127.0.0.1}}]
 ---
 kind: MeshConfig

@@ -82,7 +82,7 @@ spec:
   hosts: [otel-collector.istio-system.svc.cluster.local]
   location: MESH_EXTERNAL
   resolution: STATIC
-  ports: [{{number: {otlp_port}, name: tcp-otlp, protocol: TCP}}]
+  ports: [{{number: {otlp_port}, name: grpc-otlp, protocol: GRPC}}]
   endpoints: [{{address: 127.0.0.1}}]
 ---
 kind: MeshConfig

@@ -68,6 +68,13 @@ def collector_reference(scope: Scope, problems: list[Problem]) -> set[tuple[str,
                                 f"tracing provider {tr.provider!r}: no ServiceEntry host {tr.service!r} "
                                 f"with port {tr.port}"))
         return set()
+    if not se.port(tr.port).h2:  # type: ignore[union-attr]
+        # Envoy exports spans over gRPC through this cluster: it must speak HTTP/2 (Istio's
+        # collector Services name the port grpc-otlp for the same reason).
+        problems.append(Problem(mesh.meta.file if mesh.meta else "", "MeshConfig", "spec.extensionProviders",
+                                f"tracing provider {tr.provider!r}: port {tr.port} of {tr.service} must be "
+                                "declared protocol GRPC (OTLP/gRPC runs over HTTP/2)"))
+        return set()
     return {(tr.service, tr.port)}
 
 

@@ -33,7 +33,7 @@ metadata: {name: otel, namespace: istio-system}
 spec:
   hosts: [otel.istio-system.svc.cluster.local]
   resolution: STATIC
-  ports: [{number: 4317, name: tcp-otlp}]
+  ports: [{number: 4317, name: grpc-otlp}]
   endpoints: [{address: 10.9.0.1}]
 ---
 kind: MeshConfig
@@ -120,11 +120,14 @@ def test_no_tracing_without_a_default_provider() -> None:
 @pytest.mark.parametrize(("change", "message"), [
     ("[otel]}", "no extensionProviders entry"),
     ("port: 4317}}]", "no ServiceEntry host"),
+    ("grpc-otlp", "must be declared protocol GRPC"),
 ])
 def test_tracing_problems(change: str, message: str) -> None:
     text = TRACING
     if change == "[otel]}":
         text = text.replace("tracing: [otel]}", "tracing: [missing]}")
+    elif change == "grpc-otlp":  # Envoy exports through this cluster over gRPC: HTTP/2 is required
+        text = text.replace("name: grpc-otlp", "name: tcp-otlp, protocol: TCP")
     else:
         text = text.replace("port: 4317}}]", "port: 4318}}]")
     with pytest.raises(ConfigError, match=message):

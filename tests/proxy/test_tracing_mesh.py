@@ -17,7 +17,7 @@ COLLECTOR = "otel-collector.default.svc.cluster.local"
 
 
 def mesh_tracing(collector_port: int, sampling: float) -> str:
-    collector = service_entry("otel-collector", COLLECTOR, [("tcp-otlp", collector_port, "TCP")],
+    collector = service_entry("otel-collector", COLLECTOR, [("grpc-otlp", collector_port, "GRPC")],
                               [("127.0.0.1", {}, {})])
     return collector + f"""---
 kind: MeshConfig
