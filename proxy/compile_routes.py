@@ -79,7 +79,8 @@ _ROUTE_FIELDS = {"name", "match", "route", "redirect", "direct_response", "metad
                  "request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
                  "response_headers_to_remove", "typed_per_filter_config"}
 _ACTION_FIELDS = {"cluster", "weighted_clusters", "timeout", "hash_policy", "retry_policy", "request_mirror_policies",
-                  "prefix_rewrite", "regex_rewrite", "host_rewrite_literal", "max_stream_duration"}
+                  "prefix_rewrite", "regex_rewrite", "host_rewrite_literal", "max_stream_duration",
+                  "max_grpc_timeout"}
 _NO_VHOST = route_components_pb2.VirtualHost()  # no header mutation of its own
 
 
@@ -126,8 +127,10 @@ def _route(ctx: _Ctx, r: route_components_pb2.Route, path: str,
     if a.HasField("retry_policy"):
         extras["retry"] = retry(ctx, a.retry_policy, f"{path}.route.retry_policy")
     if a.HasField("max_stream_duration"):
-        extras["grpc_timeout"], extras["grpc_timeout_max"] = grpc_timeout(
+        extras["grpc_timeout"], extras["grpc_timeout_max"], timeout = grpc_timeout(
             ctx, a.max_stream_duration, f"{path}.route.max_stream_duration")
+    elif a.HasField("max_grpc_timeout"):  # Istio's (deprecated in Envoy, still honoured): 0 = uncapped
+        extras["grpc_timeout"], extras["grpc_timeout_max"] = True, _seconds(a.max_grpc_timeout)
     which = a.WhichOneof("cluster_specifier")
     if which == "cluster":
         if not a.cluster:

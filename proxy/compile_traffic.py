@@ -224,12 +224,15 @@ def retry(ctx: _Ctx, rp: rc.RetryPolicy, path: str) -> model.RetryPolicy:
     )
 
 
-def grpc_timeout(ctx: _Ctx, msd: rc.RouteAction.MaxStreamDuration, path: str) -> tuple[bool, float]:
-    """max_stream_duration: (whether grpc-timeout bounds the route, its cap; 0: none)."""
-    _only(ctx, msd, {"grpc_timeout_header_max"}, path)
+def grpc_timeout(ctx: _Ctx, msd: rc.RouteAction.MaxStreamDuration, path: str) -> tuple[bool, float, float]:
+    """max_stream_duration: (whether grpc-timeout bounds the route, its cap (0: none), the route's
+    timeout). With max_stream_duration present Envoy ignores RouteAction.timeout: the stream's
+    duration is max_stream_duration.max_stream_duration (unset: unbounded)."""
+    _only(ctx, msd, {"grpc_timeout_header_max", "max_stream_duration"}, path)
+    limit = _seconds(msd.max_stream_duration) if msd.HasField("max_stream_duration") else 0.0
     if not msd.HasField("grpc_timeout_header_max"):
-        return False, 0.0
-    return True, _seconds(msd.grpc_timeout_header_max)
+        return False, 0.0, limit
+    return True, _seconds(msd.grpc_timeout_header_max), limit
 
 
 # --- route --------------------------------------------------------------------------------

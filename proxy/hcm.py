@@ -175,14 +175,9 @@ class HttpConnection(asyncio.Protocol):
             tun.write_eof()
             return True
         self._eof = True
-        st = self._active
-        if st is None:
-            return False  # nothing in flight: close
-        if not st.req_complete or self._parsing is not None:
-            # The client went away mid-request: Envoy resets the upstream exchange (DC).
-            return False
-        self._closing = True
-        return True  # keep our side open to finish the response
+        # A client's FIN ends the connection, even after a complete request: as Envoy's HTTP/1
+        # codec (no half-close), the request in flight is reset upstream and logged DC.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.forget(self)

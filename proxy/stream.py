@@ -503,5 +503,5 @@ class Stream(Forwarder):
             self.upstream = None
             up.release(False)
         if self.cluster is not None:
-            self._record(0, "DC")
+            self._record(0, f"{self.flags},DC" if self.flags else "DC")  # e.g. DI,DC: gone during a fault delay
 

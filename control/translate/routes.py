@@ -118,16 +118,19 @@ def route_table(
                     claimed.add(domain)
                     domains.append(domain)
         vs = scope.routes.get(host)
+        service_port = scope.registry[host].port(port)
+        grpc = service_port is not None and service_port.h2
         if vs is None or not vs.http:  # a VirtualService with only tcp routes leaves HTTP alone
             cluster = cluster_name("outbound", port, "", host)
             referenced.add((host, port))
             action = rc.RouteAction(cluster=cluster, timeout=duration(0))
-            grpc_timeout(action, 0)
+            if grpc:
+                grpc_timeout(action, 0)
             action.retry_policy.CopyFrom(default_retry_policy())
             _hash(action, [_lb(scope, host, "", port)])
             routes = [rc.Route(name="default", match=rc.RouteMatch(prefix="/"), route=action)]
         else:
-            routes = list(_vs_routes(scope, vs, port, referenced, problems))
+            routes = list(_vs_routes(scope, vs, port, referenced, problems, grpc))
         virtual_hosts.append(rc.VirtualHost(name=f"{host}:{port}", domains=domains, routes=routes))
     return route_pb2.RouteConfiguration(name=str(port), virtual_hosts=virtual_hosts)
 
@@ -148,7 +151,8 @@ def short_names(host: str, namespace: str) -> list[str]:
 
 
 def _vs_routes(
-    scope: Scope, vs: VirtualService, port: int, referenced: set[Reference], problems: list[Problem]
+    scope: Scope, vs: VirtualService, port: int, referenced: set[Reference], problems: list[Problem],
+    grpc: bool,
 ) -> Iterable[rc.Route]:
     node = scope.node
     for index, http in enumerate(vs.http):
@@ -165,7 +169,7 @@ def _vs_routes(
             route = rc.Route(name=name, match=route_match(match))
             if action is not None:
                 route.route.CopyFrom(action)
-                apply_action_extras(route.route, http, match)
+                apply_action_extras(route.route, http, match, grpc)
             elif http.redirect is not None:
                 route.redirect.CopyFrom(redirect_action(http.redirect))
             elif http.direct_response is not None:
@@ -272,7 +276,6 @@ def inbound_route_table(port: int) -> route_pb2.RouteConfiguration:
     """The inline table of an HTTP ingress listener: everything to the app, no timeout (as Istio)."""
     cluster = cluster_name("inbound", port, "", "")
     action = rc.RouteAction(cluster=cluster, timeout=duration(0))
-    grpc_timeout(action, 0)
     route = rc.Route(name="default", match=rc.RouteMatch(prefix="/"), route=action)
     return route_pb2.RouteConfiguration(
         name=cluster,

@@ -129,12 +129,22 @@ def retry_policy(retries: Retries | None) -> rc.RetryPolicy | None:
 
 
 def grpc_timeout(action: rc.RouteAction, timeout: float) -> None:
+    """On routes of gRPC/HTTP2 ports: a client's grpc-timeout bounds the request, capped by the
+    route timeout (0: uncapped), and the route timeout bounds the stream.
+
+    Envoy ignores RouteAction.timeout on a route with max_stream_duration, so the stream's limit
+    is repeated there; Istio uses the deprecated max_grpc_timeout instead, which Envoy 1.40
+    refuses by default. HTTP/1.1 ports keep RouteAction.timeout alone (grpc-timeout is a gRPC,
+    hence HTTP/2, header)."""
+    action.max_stream_duration.max_stream_duration.CopyFrom(duration(timeout))
     action.max_stream_duration.grpc_timeout_header_max.CopyFrom(duration(timeout))
 
 
-def apply_action_extras(action: rc.RouteAction, http: HttpRoute, match: HttpMatch) -> None:
-    """Rewrite, retries, gRPC timeout of an http[] entry's route action (mirrors: `routes.py`)."""
-    grpc_timeout(action, http.timeout or 0)
+def apply_action_extras(action: rc.RouteAction, http: HttpRoute, match: HttpMatch, grpc: bool) -> None:
+    """Rewrite, retries, gRPC timeout (`grpc`: the port speaks HTTP/2) of an http[] entry's
+    route action (mirrors: `routes.py`)."""
+    if grpc:
+        grpc_timeout(action, http.timeout or 0)
     policy = retry_policy(http.retries)
     if policy is not None:
         action.retry_policy.CopyFrom(policy)

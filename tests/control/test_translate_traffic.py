@@ -17,7 +17,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 from envoy.type.v3 import percent_pb2
 
-from control.translate import Resources, load_text, translate
+from control.translate import NodeInfo, Resources, load_text, translate
 from tests.control.traffic_fixtures import (
     EVERYTHING,
     GRPC,
@@ -86,8 +86,8 @@ def test_request_routing_gets_istios_default_retry_policy_and_grpc_timeout() -> 
     assert list(policy.retriable_status_codes) == [503]
     assert [p.name for p in policy.retry_host_predicate] == ["envoy.retry_host_predicates.previous_hosts"]
     assert policy.host_selection_retry_max_attempts == 5
-    assert jason.route.max_stream_duration.HasField("grpc_timeout_header_max")
-    assert jason.route.max_stream_duration.grpc_timeout_header_max.ToTimedelta().total_seconds() == 0
+    # an HTTP port: RouteAction.timeout alone (Envoy ignores it on routes with max_stream_duration)
+    assert not jason.route.HasField("max_stream_duration")
 
 
 def test_a_service_without_virtual_service_gets_the_default_retry_policy_too() -> None:
@@ -122,7 +122,7 @@ def test_request_timeouts_task() -> None:
     resources = task_resources("tasks-request-timeouts.yaml")
     reviews = routes_of(resources, "9080", f"{REVIEWS}:9080")["reviews.0"]
     assert reviews.route.timeout.ToTimedelta().total_seconds() == 0.5
-    assert reviews.route.max_stream_duration.grpc_timeout_header_max.ToTimedelta().total_seconds() == 0.5
+    assert not reviews.route.HasField("max_stream_duration")
     ratings = routes_of(resources, "9080", f"{RATINGS}:9080")["ratings.0"]
     assert fault_of(ratings).delay.fixed_delay.seconds == 2
 
@@ -485,3 +485,42 @@ def test_several_problems_are_all_reported() -> None:
     found = problems_of(REGISTRY + VS_HEAD + "  - retries: {attempts: 1, retryOn: nope}\n"
                         "    fault: {abort: {grpcStatus: NOPE}}\n" + ROUTE)
     assert sorted(p.field for p in found) == ["spec.http[0].fault.abort.grpcStatus", "spec.http[0].retries.retryOn"]
+
+
+def test_grpc_ports_honour_grpc_timeout_capped_by_the_route_timeout() -> None:
+    text = """apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: greeter, namespace: default}
+spec:
+  hosts: [greeter.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 7070, name: grpc, protocol: GRPC}]
+  endpoints: [{address: 127.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: greeter, namespace: default}
+spec:
+  hosts: [greeter]
+  http:
+  - timeout: 2s
+    route: [{destination: {host: greeter}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: client, namespace: default}
+spec:
+  workloadSelector: {labels: {app: client}}
+  egress:
+  - port: {number: 7070, name: grpc, protocol: GRPC}
+    bind: 127.0.0.1
+    captureMode: NONE
+    hosts: ["./*"]
+"""
+    resources = translate(load_text(text), NodeInfo(namespace="default", labels={"app": "client"}))
+    (rc_,) = [r for r in resources.routes if r.name == "7070"]
+    (route,) = rc_.virtual_hosts[0].routes
+    msd = route.route.max_stream_duration
+    assert msd.max_stream_duration.ToTimedelta().total_seconds() == 2
+    assert msd.grpc_timeout_header_max.ToTimedelta().total_seconds() == 2

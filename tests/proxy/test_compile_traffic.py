@@ -75,14 +75,14 @@ def test_default_retry_policy_round_trip() -> None:
     assert route.retry == model.RetryPolicy(
         retry_on=DEFAULT_RETRY, num_retries=2, retriable_status=frozenset({503}), other_host=True,
         host_selection_attempts=5)
-    assert route.grpc_timeout and route.grpc_timeout_max == 0.0
+    assert not route.grpc_timeout  # an HTTP/1.1 port: grpc-timeout is a gRPC (HTTP/2) matter
     assert route.timeout == 0.0
 
 
 def test_request_timeout_round_trip() -> None:
     snap = snapshot(task_resources("tasks-request-timeouts.yaml"))
     route = routes(snap, "9080", f"{REVIEWS}:9080")["reviews.0"]
-    assert route.timeout == 0.5 and route.grpc_timeout_max == 0.5
+    assert route.timeout == 0.5 and not route.grpc_timeout
 
 
 def test_circuit_breaking_round_trip() -> None:
@@ -156,7 +156,7 @@ def test_matches_rewrite_and_retries() -> None:
     assert api.retry is not None
     assert api.retry.retry_on == model.RETRY_5XX | model.RETRY_RESET | model.RETRY_STATUS
     assert (api.retry.num_retries, api.retry.per_try_timeout, api.retry.retriable_status) == (3, 1.0, {409})
-    assert api.timeout == 5.0 and api.grpc_timeout_max == 5.0
+    assert api.timeout == 5.0
 
 
 def test_mirrors_grpc_abort_prefix_rewrite_and_no_retries() -> None:
