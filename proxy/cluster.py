@@ -173,6 +173,15 @@ class ClusterManager:
                     h2p.retire()
         self.clusters = new
 
+    def sweep(self, now: float) -> None:
+        """Called once a tick by the worker: close upstream connections past their cluster's idle_timeout."""
+        for rt in self.clusters.values():
+            timeout = rt.spec.idle_timeout
+            if timeout > 0:
+                for pool in rt.pools.values():
+                    if pool.idle:
+                        pool.close_idle(now, timeout)
+
     def close(self) -> None:
         for rt in self.clusters.values():
             for pool in rt.pools.values():

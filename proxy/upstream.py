@@ -71,7 +71,7 @@ class TunnelPeer(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "_headers", "_reason", "closed", "exchange", "head_only", "parser", "pool", "reader_paused",
+        "_headers", "_reason", "closed", "exchange", "head_only", "idle_since", "parser", "pool", "reader_paused",
         "transport", "tunnel", "tunnel_done_writing", "uses", "writer_paused",
     )
 
@@ -82,6 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.uses = 0
+        self.idle_since = 0.0  # loop time it went back to the pool
         self.reader_paused = False
         self.writer_paused = False
         self.tunnel: TunnelPeer | None = None  # the downstream, once an Upgrade succeeded
@@ -347,7 +348,13 @@ class Pool:
             conn.uses += 1
             done(conn, None)
         else:
+            conn.idle_since = self.loop.time()
             self.idle.append(conn)
+
+    def close_idle(self, now: float, idle_timeout: float) -> None:
+        """The cluster's idle_timeout (common_http_protocol_options): close connections idle that long."""
+        for conn in [c for c in self.idle if now - c.idle_since >= idle_timeout]:
+            conn.abort()
 
     def forget(self, conn: UpstreamConnection) -> None:
         if conn in self._all:

@@ -61,6 +61,7 @@ class Worker:
         tick = ctx.tick
         for conn in list(ctx.connections):
             conn.on_tick(tick)
+        ctx.clusters.sweep(ctx.loop.time())  # [traffic] upstream idle timeouts
         self._schedule_sweep()
 
     def export_stats(self) -> dict[str, Any]:

@@ -75,6 +75,7 @@ class FixedUpstream:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     server: asyncio.AbstractServer | None = None
     transports: list[asyncio.Transport] = field(default_factory=list)
+    closed: int = 0  # connections the proxy (or the test) closed
 
     async def __aenter__(self) -> FixedUpstream:
         loop = asyncio.get_running_loop()
@@ -104,6 +105,10 @@ class _Fixed(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.up.transports.append(self.transport)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.up.closed += 1
+        self.up.changed.set()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

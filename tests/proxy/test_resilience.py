@@ -218,3 +218,13 @@ spec:
             assert "envoy_cluster_outlier_detection_ejections_enforced_total{" in prom.decode()
             assert 'envoy_cluster_outlier_detection_ejections_active{envoy_cluster_name="outbound|' \
                    f'{port}||{HOST}"}} 1' in prom.decode()
+
+
+async def test_idle_upstream_connections_close_after_the_cluster_idle_timeout() -> None:
+    async with FixedUpstream(lambda n: 200) as up, \
+            serve(snapshot([route()], [cluster("c", up.port, idle_timeout=0.2)])) as px:
+        assert (await one_request(px.port, GET)).status == 200
+        assert up.closed == 0 and len(up.transports) == 1  # kept for reuse at first
+        await up.wait_for(lambda: up.closed == 1, timeout=5)  # the worker's next sweep closes it
+        assert (await one_request(px.port, GET)).status == 200  # and a new one is opened when needed
+        assert len(up.transports) == 2
