@@ -1,4 +1,6 @@
-"""What both HTTP/2 sides need from the h2 library, and no more.
+"""What the HTTP/2 upstream side needs from the h2 library, and no more.
+
+(The downstream side does not use h2: see ``h2wire``.)
 
 ``GracefulH2`` is h2's ``H2Connection`` with one change: a GOAWAY (received,
 or sent through ``goaway_bytes``) does not stop the streams it lets finish.

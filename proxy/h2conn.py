@@ -1,15 +1,16 @@
 """The HTTP/2 connection manager: one downstream HTTP/2 connection, its streams.
 
 The counterpart of ``hcm.HttpConnection`` for clients that negotiated "h2"
-by ALPN or opened with the h2c prior-knowledge preface. The h2 library
-(sans-IO) turns bytes into events; each request stream becomes an
+by ALPN or opened with the h2c prior-knowledge preface. The codec
+(``h2wire.ServerH2``, sans-IO) turns bytes into calls of the ``on_*``
+methods below; each request stream becomes an
 ``H2Stream`` (``stream_h2.py``) that routes and forwards it like any other
 ``Stream``. Local replies for HTTP/2 streams are written here and only here
 (gRPC requests get trailers-only answers).
 
-Strategy: one pass per ``data_received``: feed h2, dispatch its events,
+Strategy: one pass per ``data_received``: feed the codec, which calls back per frame,
 let each stream that got input write to its upstream, hand back flow-control
-credit for what was forwarded, and write everything h2 queued in one
+credit for what was forwarded, and write everything the codec queued in one
 ``transport.write``. Responses are sent within the client's windows; bytes
 past them wait on their stream (whose upstream then stops being read) until
 a WINDOW_UPDATE. A client whose request data is not forwarded (slow upstream)
@@ -24,28 +25,14 @@ end the connection with GOAWAY ENHANCE_YOUR_CALM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from h2.exceptions import ProtocolError as H2ProtocolError
-from h2.settings import SettingCodes
-
+from proxy import h2wire
 from proxy.capture import Address
 from proxy.context import Context
 from proxy.errors import ProxyError
-from proxy.h2base import GracefulH2, config, goaway_bytes
+from proxy.h2wire import H2ConnectionError, ServerH2, goaway_frame
 from proxy.model import Listener
 from proxy.stats import ListenerStats
 from proxy.stream_h2 import H2Stream, MalformedRequest
@@ -57,9 +44,8 @@ HIGH_WATER = 256 * 1024  # transport write buffer
 LOW_WATER = 64 * 1024
 PEND_HIGH = 64 * 1024  # response bytes a stream holds past the client's window before its upstream is paused
 
-_SERVER_CONFIG = config(client=False)
-_PROTOCOL_ERROR = ErrorCodes.PROTOCOL_ERROR
-_NO_ERROR = ErrorCodes.NO_ERROR
+_PROTOCOL_ERROR = h2wire.PROTOCOL_ERROR
+_NO_ERROR = h2wire.NO_ERROR
 
 
 def _grpc_message(err: ProxyError) -> bytes:
@@ -68,9 +54,9 @@ def _grpc_message(err: ProxyError) -> bytes:
 
 class H2ServerConnection(asyncio.Protocol):
     __slots__ = (
-        "_blocked", "_closing", "_goaway_sent", "_handlers", "_heads", "_idle_tick", "_in_feed", "_last_sid",
-        "_rst_count", "_rst_start", "client_ip", "ctx", "h2", "listener", "lstats", "max_frame", "original_dst",
-        "peer", "streams", "transport", "write_paused",
+        "_blocked", "_closing", "_goaway_sent", "_heads", "_idle_tick", "_in_feed", "_last_sid", "_rst_count",
+        "_rst_start", "_touched", "client_ip", "ctx", "h2", "listener", "lstats", "original_dst", "peer", "streams",
+        "transport", "write_paused",
     )
 
     def __init__(self, ctx: Context, listener: Listener, lstats: ListenerStats,
@@ -83,7 +69,12 @@ class H2ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = b""
         self.peer: Peer | None = None
-        self.h2 = GracefulH2(config=_SERVER_CONFIG)
+        http = listener.http
+        # The hpack decoder's hard cap (a connection error): well above the per-request limit,
+        # which is checked per stream (a 431 for that request only).
+        self.h2 = ServerH2(self, http.h2_max_concurrent_streams, http.h2_initial_stream_window,
+                           http.h2_initial_connection_window, 4 * http.max_request_headers_bytes + 4096)
+        self._touched: list[H2Stream] = []  # streams that got input in this ``data_received``
         self.streams: dict[int, H2Stream] = {}
         self._blocked: set[H2Stream] = set()  # streams with response bytes waiting for window
         self._heads: list[H2Stream] = []  # streams whose response HEADERS wait for the next flush
@@ -95,12 +86,6 @@ class H2ServerConnection(asyncio.Protocol):
         self._rst_count = 0
         self._rst_start = 0.0
         self._idle_tick = ctx.tick
-        self.max_frame = 16384
-        self._handlers: dict[type, Callable[[Any], H2Stream | None]] = {
-            RequestReceived: self._on_request, DataReceived: self._on_data, StreamEnded: self._on_end,
-            StreamReset: self._on_reset, WindowUpdated: self._on_window, RemoteSettingsChanged: self._on_settings,
-            ConnectionTerminated: self._on_goaway,
-        }
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -121,55 +106,39 @@ class H2ServerConnection(asyncio.Protocol):
                 transport.abort()
                 return
             self.peer = peer
-        http = self.listener.http
-        assert http is not None
-        h2 = self.h2
-        h2.local_settings = type(h2.local_settings)(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: http.h2_max_concurrent_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: http.h2_initial_stream_window,
-            SettingCodes.ENABLE_PUSH: 0,
-        })
-        # The hpack decoder's hard cap (a connection error): well above the per-request limit,
-        # which is checked per stream (a 431 for that request only).
-        h2.decoder.max_header_list_size = 4 * http.max_request_headers_bytes + 4096
-        h2.initiate_connection()
-        extra = http.h2_initial_connection_window - 65535
-        if extra > 0:
-            h2.increment_flow_control_window(extra)
+        self.h2.initiate()
         if self.ctx.draining:
             self.drain()
         self.flush()
 
     def data_received(self, data: bytes) -> None:
         self._in_feed = True
+        touched = self._touched
         try:
-            events = self.h2.receive_data(data)
-        except H2ProtocolError as e:
-            # h2 queued the GOAWAY with the error's code: send it and close.
-            self._in_feed = False
+            self.h2.receive_data(data)
+        except H2ConnectionError as e:
+            # the codec queued the GOAWAY with the error's code: send it and close.
             self.lstats.protocol_errors += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("listener %s: HTTP/2 connection error: %s", self.listener.name, e)
+            touched.clear()
+            self._in_feed = False
             self._terminate(None)
             return
-        touched: list[H2Stream] = []
-        handlers = self._handlers
-        try:
-            for ev in events:
-                handler = handlers.get(type(ev))
-                if handler is not None:
-                    st = handler(ev)
-                    if st is not None:
-                        touched.append(st)
         finally:
             self._in_feed = False
         if self.transport is None:
+            touched.clear()
             return
+        if len(touched) > 1:
+            touched = list(dict.fromkeys(touched))  # once each, in order
+            self._touched.clear()
         for st in touched:
             if not st.done:
                 st.flush_upstream()
             if st.unacked and (not st.recv_paused or st.done):
                 self.ack(st)
+        touched.clear()
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -196,56 +165,53 @@ class H2ServerConnection(asyncio.Protocol):
             if st.upstream is not None and not st.pend:
                 st.upstream.resume_reading()
 
-    # ------------------------------------------------------------------ h2 events
-    def _on_request(self, ev: RequestReceived) -> H2Stream | None:
-        sid = ev.stream_id
+    # ------------------------------------------------------------------ codec callbacks (h2wire.Handler)
+    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         self._idle_tick = self.ctx.tick
         if self._goaway_sent:
-            self._reset(sid, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: never processed
-            return None
+            self._reset(sid, h2wire.REFUSED_STREAM)  # after our GOAWAY: never processed
+            return
         self._last_sid = sid
         self.lstats.rq_total += 1
         st = H2Stream(self, sid)
         try:
-            st.prepare(ev.headers, ev.stream_ended is not None)  # type: ignore[arg-type]
+            st.prepare(headers, ended)
         except MalformedRequest as e:
             self.lstats.protocol_errors += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("listener %s: stream %d reset: %s", self.listener.name, sid, e)
             self._reset(sid, _PROTOCOL_ERROR)
             st.discard_request()
-            return None
+            return
         except ProxyError as err:
             self.streams[sid] = st
             self.local_reply(st, err)
-            return None
+            return
         self.streams[sid] = st
         try:
             st.start()
         except ProxyError as err:
             self.local_reply(st, err)
-        return st
+        self._touched.append(st)
 
-    def _on_data(self, ev: DataReceived) -> H2Stream | None:
-        st = self.streams.get(ev.stream_id)
-        n = ev.flow_controlled_length
+    def on_data(self, sid: int, data: bytes, n: int) -> None:
+        st = self.streams.get(sid)
         if st is None or st.done:
             if n:  # a stream we already answered or reset: give the connection window back
-                self.h2.acknowledge_received_data(n, ev.stream_id)
-            return None
+                self.h2.acknowledge_received_data(n, sid)
+            return
         st.unacked += n
-        st.request_body(ev.data)
-        return st
+        st.request_body(data)
+        self._touched.append(st)
 
-    def _on_end(self, ev: StreamEnded) -> H2Stream | None:
-        st = self.streams.get(ev.stream_id)
-        if st is None:
-            return None
-        st.request_complete()
-        return st
+    def on_end(self, sid: int) -> None:
+        st = self.streams.get(sid)
+        if st is not None:
+            st.request_complete()
+            self._touched.append(st)
 
-    def _on_reset(self, ev: StreamReset) -> None:
-        if ev.remote_reset:
+    def on_reset(self, sid: int, remote: bool) -> None:
+        if remote:
             http = self.listener.http
             assert http is not None
             now = self.ctx.loop.time()
@@ -258,42 +224,38 @@ class H2ServerConnection(asyncio.Protocol):
                 log.warning("listener %s: %s sent more than %d stream resets in %.1fs: closing (rapid reset)",
                             self.listener.name, self.client_ip.decode(), http.h2_max_resets_per_interval,
                             http.h2_reset_interval)
-                self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
+                self._terminate(h2wire.ENHANCE_YOUR_CALM)
                 return
-        st = self.streams.pop(ev.stream_id, None)
+        st = self.streams.pop(sid, None)
         if st is not None:
             self._blocked.discard(st)
             if st.unacked:
                 self.ack(st)
             st.downstream_lost()
 
-    def _on_window(self, ev: WindowUpdated) -> None:
+    def on_window(self, sid: int) -> None:
         if not self._blocked:
             return
-        if ev.stream_id:
-            st = self.streams.get(ev.stream_id)
+        if sid:
+            st = self.streams.get(sid)
             if st is not None and st.pend:
                 self._drain_pending(st)
         else:
             for st in list(self._blocked):
                 self._drain_pending(st)
 
-    def _on_settings(self, ev: RemoteSettingsChanged) -> None:
-        frame = ev.changed_settings.get(SettingCodes.MAX_FRAME_SIZE)
-        if frame is not None:
-            self.max_frame = frame.new_value
-        if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+    def on_settings(self, window_changed: bool) -> None:
+        if window_changed:
             for st in list(self._blocked):
                 self._drain_pending(st)
 
-    def _on_goaway(self, ev: ConnectionTerminated) -> None:
+    def on_goaway(self, last_sid: int, code: int) -> None:
         """The client is going away: finish what it still wants, then close."""
-        if ev.error_code != _NO_ERROR:
+        if code != _NO_ERROR:
             self._terminate(None)
             return
         self._closing = True
-        last = ev.last_stream_id or 0
-        for sid in [s for s in self.streams if s > last]:
+        for sid in [s for s in self.streams if s > last_sid]:
             self.streams[sid].downstream_lost()
             self.streams.pop(sid, None)
         if not self.streams:
@@ -330,7 +292,7 @@ class H2ServerConnection(asyncio.Protocol):
         sid = st.sid
         window = h2.local_flow_control_window(sid)
         n = len(data)
-        frame = self.max_frame
+        frame = h2.max_frame
         if n <= window and n <= frame:
             h2.send_data(sid, data)
             return
@@ -405,7 +367,7 @@ class H2ServerConnection(asyncio.Protocol):
             return
         if st.response_started:
             st.finish_local(err, 0)  # too late for a reply: reset the stream
-            self._reset(st.sid, ErrorCodes.INTERNAL_ERROR)
+            self._reset(st.sid, h2wire.INTERNAL_ERROR)
             self._forget(st)
             if not self._in_feed:
                 self.flush()
@@ -449,10 +411,9 @@ class H2ServerConnection(asyncio.Protocol):
         if not self._in_feed:
             self.flush()
 
-    def _reset(self, sid: int, code: ErrorCodes) -> None:
-        """RST_STREAM, unless h2 already considers the stream closed (both sides ended it)."""
-        with contextlib.suppress(H2ProtocolError):
-            self.h2.reset_stream(sid, code)
+    def _reset(self, sid: int, code: int) -> None:
+        """RST_STREAM, unless the stream is already closed (both sides ended it, or reset)."""
+        self.h2.reset_stream(sid, code)
 
     def _forget(self, st: H2Stream) -> None:
         self.streams.pop(st.sid, None)
@@ -480,13 +441,14 @@ class H2ServerConnection(asyncio.Protocol):
     def write_now(self, data: bytes) -> None:
         """HTTP/1.1 only."""
 
-    def _terminate(self, code: ErrorCodes | None) -> None:
+    def _terminate(self, code: int | None) -> None:
         """A connection error: GOAWAY with ``code`` (None: h2 already queued one), close, reset every stream."""
         t = self.transport
         if t is None:
             return
         if code is not None:
-            self.h2.close_connection(code, last_stream_id=self._last_sid)
+            self.h2.close_connection(code, self._last_sid)
+        self.h2.dead = True  # no more input is read
         self.flush()
         self._closing = True
         t.close()
@@ -506,7 +468,7 @@ class H2ServerConnection(asyncio.Protocol):
         if not self._goaway_sent:
             self._goaway_sent = True
             self.flush()
-            t.write(goaway_bytes(self._last_sid, 0))
+            t.write(goaway_frame(self._last_sid, 0))
         if not self.streams:
             self._close()
 
