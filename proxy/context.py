@@ -46,6 +46,7 @@ class Context:
         self.node = node or {}
         self.random = (rng or random.Random()).random
         self.getrandbits = (rng or random.Random()).getrandbits
+        self.randbytes = (rng or random.Random()).randbytes
 
     def forget(self, conn: Connection) -> None:
         """Called by a connection when it closes."""

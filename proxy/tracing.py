@@ -24,6 +24,7 @@ import importlib
 import logging
 import threading
 import time
+from binascii import hexlify
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pillion.tracing")
 
+_ZERO_SPAN = b"0" * 16
 QUEUE_LIMIT = 2048
 BATCH_SIZE = 512
 
@@ -64,7 +66,19 @@ def begin(st: Stream, settings: TraceSettings) -> list[bytes]:
 
     Sets ``st.span`` only when the request is sampled; an unsampled one still propagates."""
     ctx = st.ctx
-    incoming = tc.extract(st.hdrs)
+    hdrs = st.hdrs
+    if tc.TRACEPARENT not in hdrs and tc.B3 not in hdrs and tc.B3_TRACE_ID not in hdrs:
+        # A new trace (the usual case at the edge of the mesh): both ids from one random draw.
+        ids = hexlify(ctx.randbytes(24))
+        trace_id, span_id = ids[:32], ids[32:]
+        if span_id == _ZERO_SPAN:  # all-zero ids are invalid (W3C); 2**-64, but never send one
+            span_id = b"0000000000000001"
+        percent = settings.sample_percent
+        if percent >= 100.0 or (percent > 0.0 and ctx.random() * 100.0 < percent):
+            st.span = ActiveSpan(settings, trace_id, span_id, b"", time.time_ns())
+            return [b"traceparent: 00-%b-%b-01\r\n" % (trace_id, span_id)]
+        return [b"traceparent: 00-%b-%b-00\r\n" % (trace_id, span_id)]
+    incoming = tc.extract(hdrs)
     span_id = tc.new_span_id(ctx.getrandbits)
     if incoming is None:
         trace_id, parent_id, style = tc.new_trace_id(ctx.getrandbits), b"", tc.STYLE_NONE

@@ -12,13 +12,14 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from proxy import model
 from proxy import tracecontext as tc
 from proxy.compile_tracing import with_tracing
 from proxy.errors import InvalidResource
 from proxy.tracing import Tracer
-from proxy.tracing_export import to_request
+from proxy.tracing_export import encode_request, to_request
 
 TRACE = b"4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = b"00f067aa0ba902b7"
@@ -121,6 +122,18 @@ def test_records_become_otlp_spans() -> None:
     assert attrs["url.path"].string_value == "/r" and attrs["http.response.status_code"].int_value == 503
     assert attrs["response_flags"].string_value == "UF"
     assert attrs["peer.spiffe_id"].string_value == "spiffe://cluster.local/ns/default/sa/p"
+
+
+def test_the_wire_encoding_is_the_same_message_as_the_proto_classes_build() -> None:
+    """What the exporter sends (hand-encoded) decodes to exactly what opentelemetry-proto builds."""
+    client = model.TraceSettings(1.0, "outbound|4317||collector", "productpage.default", False)
+    batch = [_record(i) for i in range(3)]
+    batch.append((client, TRACE, b"00000000000000ff", b"", 5, 10**18, b"POST", b"ratings:9080", b"/", 200, "",
+                  "outbound|9080||ratings", "10.0.0.2", "", "productpage-v1", "default"))  # no parent, no peer id
+    batch.append((SETTINGS, TRACE, b"0000000000000100", SPAN, 7, 8, b"GET", b"h", b"/x", 0, "DC",
+                  "c", b"::1", "", "w", "ns"))  # status 0 (client gone): an error span
+    wire = encode_request(batch)
+    assert trace_service_pb2.ExportTraceServiceRequest.FromString(wire) == to_request(batch)
 
 
 class _Ctx:

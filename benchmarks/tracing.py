@@ -1,0 +1,165 @@
+"""What tracing costs: requests/s with tracing off, at 1% and at 100% sampling, Pillion and Envoy.
+
+    python -m benchmarks.tracing [--quick] [--out benchmarks/results] [--targets pillion,envoy]
+
+Each proxy is started three times on the macro benchmark's config (one sidecar, one
+HTTP egress port, the same upstream app): without tracing, then with MeshConfig
+tracing to an OTLP/gRPC collector at 1% and at 100% random sampling. The collector
+is a real one (``control.otlp_receiver``, the embedded receiver of ``pillion control``)
+on the load generator's core, so spans are really exported. ``wrk -t1 -c32`` drives
+keep-alive HTTP/1.1 after a warm-up, pinned as in ``benchmarks.macro``. The report is
+each proxy's requests/s at 1% and 100% relative to its own tracing-off run, and the
+collector's span count (proof that export happened). Issue targets: 1% sampling costs
+Pillion < 5%, 100% costs < 25%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.config import BenchPorts, write_config_dir
+from benchmarks.envoy_config import build_bootstrap
+from benchmarks.macro import Plan, ScenarioError, run_wrk, say
+from benchmarks.procs import Child, Pinning, StartError, free_port
+from benchmarks.targets import (
+    PYTHON,
+    READY_TIMEOUT,
+    REPO_ROOT,
+    _await_target,
+    _start_envoy_with,
+    pillion_command,
+    start_upstreams,
+)
+
+COLLECTOR = "otel-collector.default.svc.cluster.local"
+MODES = {"off": None, "1%": 1.0, "100%": 100.0}
+
+
+def tracing_yaml(collector_port: int, sampling: float) -> str:
+    return f"""---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: otel-collector, namespace: default}}
+spec:
+  hosts: [{COLLECTOR}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 4317, name: grpc-otlp, protocol: GRPC}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{grpc-otlp: {collector_port}}}}}]
+---
+kind: MeshConfig
+spec:
+  defaultConfig: {{tracing: {{sampling: {sampling}}}}}
+  extensionProviders:
+  - name: otel
+    opentelemetry: {{service: {COLLECTOR}, port: 4317}}
+  defaultProviders: {{tracing: [otel]}}
+"""
+
+
+def start_collector(pinning: Pinning, logs: Path) -> tuple[Child, int, int]:
+    """The OTLP receiver on the load core; prints READY <port> <status port>."""
+    child = Child("collector", pinning.load([PYTHON, "-m", "benchmarks.collector"]), logs / "collector.log",
+                  capture_stdout=True, cwd=REPO_ROOT)
+    try:
+        ports = child.read_line("READY", READY_TIMEOUT).split()
+    except BaseException:
+        child.stop()
+        raise
+    return child, int(ports[0]), int(ports[1])
+
+
+def spans_received(status_port: int) -> int:
+    from benchmarks.procs import http_get
+
+    status, body = http_get(status_port, "/", "collector")
+    return int(json.loads(body)["spans"]) if status == 200 else -1
+
+
+def run_one(proxy: str, mode: str, plan: Plan, pinning: Pinning, workdir: Path, logs: Path, out: Path,
+            ports: BenchPorts, collector_port: int) -> dict[str, Any]:
+    config_dir = write_config_dir(workdir, ports)
+    sampling = MODES[mode]
+    if sampling is not None:
+        (config_dir / "tracing.yaml").write_text(tracing_yaml(collector_port, sampling))
+    admin = free_port()
+    if proxy == "pillion":
+        child = Child(f"pillion-{mode}", pinning.sut(pillion_command(config_dir, admin)),
+                      logs / f"pillion-{mode.strip('%')}.log", cwd=REPO_ROOT)
+        try:
+            _await_target(child, admin, ports)
+        except BaseException:
+            child.stop()
+            raise
+        stop = child.stop
+    else:
+        bootstrap, _source = build_bootstrap("translate", config_dir, ports, admin)
+        target = _start_envoy_with(pinning, workdir, logs, ports, admin, bootstrap, "translate", out)
+        stop = target.stop
+    try:
+        say(f"{proxy} tracing {mode}: warm-up, then wrk {plan.wrk_s}s")
+        run_wrk(pinning, ports.http_listen, plan.wrk_warmup_s, plan.wrk_connections)
+        return run_wrk(pinning, ports.http_listen, plan.wrk_s, plan.wrk_connections)
+    finally:
+        stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tracing", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--targets", default="pillion,envoy")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    plan = Plan.make(args.quick)
+    pinning = Pinning(True)
+    if pinning.enabled:
+        os.sched_setaffinity(0, {pinning.load_core})
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="pillion-tracing-") as tmp:
+        upstreams = start_upstreams(pinning, logs)
+        collector, collector_port, status_port = start_collector(pinning, logs)
+        try:
+            for proxy in [t.strip() for t in args.targets.split(",") if t.strip()]:
+                results[proxy] = {}
+                for mode in MODES:
+                    ports = BenchPorts(free_port(), free_port(), upstreams.http_port, upstreams.tcp_port)
+                    before = spans_received(status_port)
+                    workdir = Path(tmp) / f"{proxy}-{mode.strip('%')}"
+                    try:
+                        wrk = run_one(proxy, mode, plan, pinning, workdir, logs, args.out, ports, collector_port)
+                    except (StartError, ScenarioError, OSError) as exc:
+                        results[proxy][mode] = {"error": str(exc).splitlines()[0]}
+                        say(f"{proxy} tracing {mode}: {exc}")
+                        continue
+                    wrk["spans_exported"] = spans_received(status_port) - before
+                    results[proxy][mode] = wrk
+        finally:
+            collector.stop()
+            upstreams.stop()
+    print(f"{'proxy':<8} {'tracing':<8} {'req/s':>10} {'vs off':>8} {'spans at collector':>20}")
+    for proxy, modes in results.items():
+        off = modes.get("off", {}).get("requests_per_s")
+        for mode, r in modes.items():
+            rps = r.get("requests_per_s")
+            if rps is None:
+                print(f"{proxy:<8} {mode:<8} {'error':>10}  {r.get('error', '')}")
+                continue
+            ratio = f"{rps / off:.3f}" if off else "-"
+            print(f"{proxy:<8} {mode:<8} {rps:>10.0f} {ratio:>8} {r.get('spans_exported', 0):>20}")
+    (args.out / "results-tracing.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
