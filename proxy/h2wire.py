@@ -154,7 +154,7 @@ class ServerH2:
         self._preface = False
         self._settings_seen = False
         self._cont: tuple[int, int, list[bytes], int] | None = None  # sid, flags, fragments, size
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
 
     # ------------------------------------------------------------------ output
     def initiate(self) -> None:
@@ -171,7 +171,7 @@ class ServerH2:
         out = self._out
         if not out:
             return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
+        data = b"".join(out)
         out.clear()
         return data
 
@@ -220,7 +220,7 @@ class ServerH2:
         n = len(data)
         self.send_window -= n
         st.send_window -= n
-        self._out += (_pack_hdr(n >> 8, n & 0xFF, DATA, END_STREAM if end_stream else 0, sid), bytes(data))
+        self._out += (_pack_hdr(n >> 8, n & 0xFF, DATA, END_STREAM if end_stream else 0, sid), data)
         if end_stream:
             self._local_end(sid, st)
 
@@ -519,7 +519,7 @@ class ServerH2:
         for pos in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, pos)
             if key == S_HEADER_TABLE_SIZE:
-                self.encoder.header_table_size = min(value, 65536)
+                self.encoder.header_table_size = min(value, 4096)  # we may use less than offered: bounded memory
             elif key == S_ENABLE_PUSH:
                 if value > 1:
                     self._fail(PROTOCOL_ERROR, "invalid SETTINGS_ENABLE_PUSH")
