@@ -1,12 +1,15 @@
-"""MeshConfig accessLogFile / accessLogEncoding / accessLogFormat -> HCM and tcp_proxy `access_log`.
+"""Access logging (MeshConfig accessLogFile / accessLogEncoding, Telemetry) -> HCM and tcp_proxy `access_log`.
 
-Owns: the access logger every listener's HTTP connection manager and TCP
-proxy carry when the mesh asks for one (Istio's `accessLogFile`; empty, the
-default, means none): one `envoy.access_loggers.file` writing to that path,
-with Envoy's default text line (TEXT) or Istio's default JSON fields (JSON).
+Owns: the access logger a listener's HTTP connection manager and TCP proxy
+carry when the node's settings ask for one: one `envoy.access_loggers.file`
+writing to a path, with Envoy's default text line (TEXT) or Istio's default
+JSON fields (JSON). What each direction gets (outbound listeners: CLIENT,
+inbound: SERVER) is the node's merged MeshConfig (`accessLogFile`; empty, the
+default, means none) and Telemetry settings (`telemetry.node_telemetry`).
 It runs after the listener builders, on the finished listeners, so they need
-not know about logging. A custom `accessLogFormat` is refused by
-`kinds.py` (not supported yet).
+not know about logging. Custom formats (MeshConfig `accessLogFormat`, an
+envoyFileAccessLog `logFormat.text` or custom `labels`) are refused by
+`kinds.py` / `telemetry.py` (not supported yet).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.core.v3 import substitution_format_string_pb2 as sfs
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
@@ -23,7 +27,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import struct_pb2
 
-from control.translate.model import MeshConfig
+from control.translate.model_telemetry import INBOUND, OUTBOUND, NodeTelemetry
 from control.translate.protos import packed
 
 FILE_LOGGER = "envoy.access_loggers.file"
@@ -64,12 +68,15 @@ def file_access_log(path: str, encoding: str) -> accesslog_pb2.AccessLog:
     return accesslog_pb2.AccessLog(name=FILE_LOGGER, typed_config=packed(config))
 
 
-def add_access_logs(listeners: Iterable[listener_pb2.Listener], mesh: MeshConfig) -> None:
-    """Give every HCM and tcp_proxy of `listeners` the mesh's access logger (in place); none when off."""
-    if not mesh.access_log_file:
+def add_access_logs(listeners: Iterable[listener_pb2.Listener], telemetry: NodeTelemetry) -> None:
+    """Give the HCMs and tcp_proxies of `listeners` their direction's logger (in place); none where off."""
+    by_direction = {d: file_access_log(p.path, p.encoding) for d, p in telemetry.access_log.items() if p is not None}
+    if not by_direction:
         return
-    logger = file_access_log(mesh.access_log_file, mesh.access_log_encoding)
     for listener in listeners:
+        logger = by_direction.get(INBOUND if listener.traffic_direction == base_pb2.INBOUND else OUTBOUND)
+        if logger is None:
+            continue
         chains = [*listener.filter_chains]
         if listener.HasField("default_filter_chain"):
             chains.append(listener.default_filter_chain)

@@ -48,11 +48,10 @@ _TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec")
 def load_dir(path: str | Path, allow_unenforced_security: bool = False) -> ConfigSet:
     """Load every *.yaml / *.yml file directly in `path` (sorted by name).
 
-    Raises ConfigError listing every problem found. The kinds that are not
-    enforced yet (Telemetry; PeerAuthentication, AuthorizationPolicy and
-    RequestAuthentication are enforced) are refused unless
-    `allow_unenforced_security` is true, because loading a policy that is
-    not enforced would silently change what the mesh does.
+    Raises ConfigError listing every problem found. A kind that is not
+    enforced yet (none today: the security kinds and Telemetry are enforced)
+    is refused unless `allow_unenforced_security` is true, because loading a
+    policy that is not enforced would silently change what the mesh does.
     """
     sources, problems = read_dir(path)
     return Session(allow_unenforced_security, problems).load(sources)
@@ -154,6 +153,7 @@ class Session:
             unenforced=_sorted(built.unenforced),
             authorization_policies=_sorted(built.authorization_policies),
             request_authentications=_sorted(built.request_authentications),
+            telemetries=_sorted(built.telemetries),
             files=tuple(file for file, _ in sources),
         )
 

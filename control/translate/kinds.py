@@ -7,9 +7,9 @@ host uniqueness, port uniqueness, resolution rules, endpoint ports. The
 traffic kinds are in `traffic.py`, shared field rules in `fields.py`.
 PeerAuthentication is built here too (what it means for a node is in
 `security.py`); AuthorizationPolicy and RequestAuthentication in
-`authz_kinds.py`. It must not read files or produce xDS; `istio.py` drives it
-and owns the registry (`Session.services`, `.rules`, `.routed`) the
-builders fill.
+`authz_kinds.py`; Telemetry in `telemetry.py`. It must not read files or
+produce xDS; `istio.py` drives it and owns the registry (`Session.services`,
+`.rules`, `.routed`) the builders fill.
 
 A builder reports through its `Build` callable and returns None when
 anything was wrong with its document.
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from certs.spiffe import validate_trust_domain
-from control.translate import authz_kinds, traffic
+from control.translate import authz_kinds, telemetry, traffic
 from control.translate.fields import keep, protocol, speaks_h2, workload
 from control.translate.model import (
     AuthorizationPolicy,
@@ -42,6 +42,7 @@ from control.translate.model import (
     WorkloadGroup,
     frozen_map,
 )
+from control.translate.model_telemetry import Telemetry
 from control.translate.schema import child, port_key
 from control.translate.specs import UNENFORCED_KINDS
 from control.translate.tracing import mesh_tracing  # [tracing]
@@ -78,12 +79,14 @@ class Built:
     unenforced: list[UnenforcedPolicy] = field(default_factory=list)
     authorization_policies: list[AuthorizationPolicy] = field(default_factory=list)
     request_authentications: list[RequestAuthentication] = field(default_factory=list)
+    telemetries: list[Telemetry] = field(default_factory=list)
 
 
 def build_all(session: Session, entries: list[Entry]) -> Built:
     built = Built()
     valid = [entry for entry in entries if entry.valid]
     mesh_entry: Entry | None = None
+    mesh_ok = all(e.valid for e in entries if e.kind == "MeshConfig")  # [telemetry] its providers were read
     # namespace -> its PeerAuthentication without selector
     namespace_wide: dict[str, PeerAuthentication] = {}
     for kind in _BUILD_ORDER:
@@ -95,6 +98,7 @@ def build_all(session: Session, entries: list[Entry]) -> Built:
                     continue
                 mesh_entry = entry
                 built.mesh = _mesh_config(entry, b)
+                mesh_ok = mesh_ok and not b.failed
             elif kind == "ServiceEntry":
                 keep(built.service_entries, _service_entry(session, entry, b))
             elif kind == "WorkloadEntry":
@@ -116,14 +120,16 @@ def build_all(session: Session, entries: list[Entry]) -> Built:
                 keep(built.authorization_policies, authz_kinds.authorization_policy(entry, b))
             else:
                 keep(built.request_authentications, authz_kinds.request_authentication(entry, b))
+    built.telemetries = telemetry.build_telemetries(
+        session, [e for e in valid if e.kind == "Telemetry"], built.mesh, mesh_ok
+    )
     for entry in (e for e in valid if e.kind in UNENFORCED_KINDS):
         if session.allow_unenforced:
             built.unenforced.append(UnenforcedPolicy(entry.meta(), entry.spec))
         else:
-            what = "a telemetry policy" if entry.kind == "Telemetry" else "a security policy"
             session.builder(entry)(
                 "",
-                f"{entry.kind} is not enforced yet; refusing to load rather than silently ignoring {what}",
+                f"{entry.kind} is not enforced yet; refusing to load rather than silently ignoring it",
             )
     return built
 
@@ -148,6 +154,7 @@ def _mesh_config(entry: Entry, b: Build) -> MeshConfig:
         access_log_file=spec.get("accessLogFile", ""),  # [accesslog]
         access_log_encoding=spec.get("accessLogEncoding", "TEXT"),  # [accesslog]
         tracing=mesh_tracing(spec, b),  # [tracing]
+        telemetry=telemetry.mesh_telemetry(spec, b),  # [telemetry] providers a Telemetry may name
         meta=entry.meta() if entry.label != "MeshConfig" else None,
     )
 

@@ -19,6 +19,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from control.translate.model_telemetry import MeshTelemetry, Telemetry
 from control.translate.model_traffic import (
     NO_HEADERS,
     ConnectionPool,
@@ -120,6 +121,7 @@ class MeshConfig:
     access_log_encoding: str = "TEXT"
     # [accesslog] end
     tracing: MeshTracing | None = None  # [tracing] None: no tracing provider selected
+    telemetry: MeshTelemetry = field(default_factory=MeshTelemetry)  # providers Telemetry may name
     meta: Meta | None = None
 
 
@@ -562,4 +564,5 @@ class ConfigSet:
     unenforced: tuple[UnenforcedPolicy, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     request_authentications: tuple[RequestAuthentication, ...] = ()
+    telemetries: tuple[Telemetry, ...] = ()
     files: tuple[str, ...] = ()

@@ -26,6 +26,7 @@ from control.translate.listeners import build_listeners
 from control.translate.model import ConfigSet, NodeInfo
 from control.translate.routes import build_routes
 from control.translate.scope import Scope
+from control.translate.telemetry import node_telemetry  # [telemetry]
 from control.translate.tracing import add_tracing, collector_reference  # [tracing]
 
 
@@ -65,7 +66,8 @@ def translate(config: ConfigSet, node: NodeInfo) -> Resources:
     """
     problems: list[Problem] = []
     scope = Scope.of(config, node, problems)
-    traced = collector_reference(scope, problems)  # [tracing] the collector's cluster
+    telemetry = node_telemetry(config, node, problems)  # [telemetry] MeshConfig + Telemetry, per direction
+    traced = collector_reference(scope, telemetry, problems)  # [tracing] the collectors' clusters
     if node.intercept:
         captured = build_capture(scope, problems)
         listeners, routes = captured.listeners, captured.routes
@@ -75,8 +77,8 @@ def translate(config: ConfigSet, node: NodeInfo) -> Resources:
         listeners, tcp_targets = build_listeners(scope, problems)
         routes, route_targets = build_routes(scope, problems)
         clusters, endpoints = build_clusters(scope, tcp_targets | route_targets | traced)  # [tracing] | traced
-    add_access_logs(listeners, config.mesh)  # [accesslog] MeshConfig accessLogFile
-    add_tracing(listeners, config.mesh, node)  # [tracing] MeshConfig defaultProviders.tracing
+    add_access_logs(listeners, telemetry)  # [accesslog] MeshConfig accessLogFile, Telemetry accessLogging
+    add_tracing(listeners, telemetry, node)  # [tracing] MeshConfig defaultProviders.tracing, Telemetry tracing
     if problems:
         raise ConfigError(problems)
     return Resources(

@@ -7,8 +7,8 @@ It must not build objects or check anything that spans fields or documents;
 
 Strategy: one constant per Istio message, named after it, composed the way the
 Istio API composes them, so a reader can hold this file next to Istio's
-reference pages. Kinds that are parsed but not enforced yet (telemetry) are
-described in full too, so their shape is already checked.
+reference pages. Parts that are refused by a builder rather than here
+(Telemetry `metrics`) are described in full too, so their shape is checked.
 """
 
 from __future__ import annotations
@@ -45,9 +45,6 @@ METADATA = Obj(
 )
 WORKLOAD_SELECTOR = Obj({"labels": LABELS})
 LABEL_SELECTOR = Obj({"matchLabels": LABELS})
-POLICY_TARGET_REFERENCE = Obj(
-    {"group": STR, "kind": STR, "name": STR, "namespace": STR}, required=("kind", "name")
-)
 CAPTURE_MODE = Enum(("DEFAULT", "NONE"), ("IPTABLES",))
 OUTBOUND_TRAFFIC_POLICY = Obj(
     {"mode": Enum(("REGISTRY_ONLY", "ALLOW_ANY"))}, unsupported=("egressProxy",)
@@ -360,14 +357,8 @@ DESTINATION_RULE = Obj(
 )
 
 # --- security and telemetry -------------------------------------------------
-# PeerAuthentication, AuthorizationPolicy and RequestAuthentication are enforced;
-# Telemetry is parsed but not enforced yet.
+# PeerAuthentication, AuthorizationPolicy, RequestAuthentication and Telemetry are enforced.
 
-_TARGETS: Mapping[str, Spec] = {
-    "selector": LABEL_SELECTOR,
-    "targetRef": POLICY_TARGET_REFERENCE,
-    "targetRefs": ListOf(POLICY_TARGET_REFERENCE),
-}
 # Sidecars are selected by labels; targetRef(s) name gateways and waypoints, which Pillion has not.
 _SELECTOR_ONLY: Mapping[str, Spec] = {"selector": LABEL_SELECTOR}
 _TARGET_REFS = ("targetRef", "targetRefs")
@@ -460,7 +451,7 @@ PROVIDERS = ListOf(Obj({"name": STR}, required=("name",)))
 WORKLOAD_MODE = Obj({"mode": Enum(("CLIENT_AND_SERVER", "CLIENT", "SERVER"))})
 TELEMETRY = Obj(
     {
-        **_TARGETS,
+        **_SELECTOR_ONLY,
         "tracing": ListOf(
             Obj(
                 {
@@ -469,20 +460,11 @@ TELEMETRY = Obj(
                     "randomSamplingPercentage": PERCENT,
                     "disableSpanReporting": BOOL,
                     "useRequestIdForTraceSampling": BOOL,
-                    "customTags": MapOf(
-                        STR,
-                        Obj(
-                            {
-                                "literal": Obj({"value": STR}),
-                                "environment": Obj({"name": STR, "defaultValue": STR}),
-                                "header": Obj({"name": STR, "defaultValue": STR}),
-                            },
-                            one_of=("literal", "environment", "header"),
-                        ),
-                    ),
-                }
+                },
+                unsupported=("customTags",),
             )
         ),
+        # Shape-checked, then refused unless empty by telemetry.py (standard metrics are always on).
         "metrics": ListOf(
             Obj(
                 {
@@ -509,11 +491,12 @@ TELEMETRY = Obj(
                     "match": WORKLOAD_MODE,
                     "providers": PROVIDERS,
                     "disabled": BOOL,
-                    "filter": Obj({"expression": STR}),
+                    "filter": Obj({}, unsupported=("expression",)),
                 }
             )
         ),
-    }
+    },
+    unsupported=_TARGET_REFS,
 )
 
 # --- mesh-wide settings -------------------------------------------------------
@@ -531,10 +514,14 @@ EXTENSION_PROVIDER = Obj(
             required=("service", "port"),
             unsupported=("maxTagLength", "http", "grpc", "resourceDetectors", "dynatraceSampler"),
         ),
+        # [telemetry] a file access logger Telemetry accessLogging may name (telemetry.py checks logFormat)
+        "envoyFileAccessLog": Obj(
+            {"path": STR, "logFormat": Obj({"text": STR, "labels": MapOf(STR, STR)}, unsupported=("omitEmptyValues",))},
+        ),
     },
     required=("name",),
     unsupported=("zipkin", "lightstep", "datadog", "stackdriver", "skywalking", "prometheus",
-                 "envoyFileAccessLog", "envoyOtelAls", "envoyHttpAls", "envoyTcpAls",
+                 "envoyOtelAls", "envoyHttpAls", "envoyTcpAls",
                  "envoyExtAuthzHttp", "envoyExtAuthzGrpc", "sds"),
 )
 # [tracing] end
@@ -589,4 +576,4 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "security.istio.io": ("v1beta1", "v1"),
     "telemetry.istio.io": ("v1alpha1", "v1"),
 }
-UNENFORCED_KINDS = frozenset({"Telemetry"})
+UNENFORCED_KINDS: frozenset[str] = frozenset()  # every kind read is enforced

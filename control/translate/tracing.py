@@ -6,10 +6,13 @@ Owns: reading Istio's tracing settings from a MeshConfig spec
 percentage, default 1 as in Istio; `enableTracing: false` turns it off), and
 adding `tracing` (an `envoy.tracers.opentelemetry` provider whose gRPC
 service is the "outbound|port||service" cluster, random_sampling = the
-percentage) to every HCM a node gets, inbound and outbound alike.
+percentage) to the HCMs of a node's listeners. What each direction gets
+(outbound listeners: CLIENT, inbound: SERVER) is the node's merged MeshConfig
+and Telemetry settings (`telemetry.node_telemetry`); a direction whose
+tracing is off gets no `tracing`.
 
-Not implemented yet: the `Telemetry` kind (still refused as not enforced), a
-tracing provider other than opentelemetry, several tracing providers.
+Not implemented yet: a tracing provider other than opentelemetry, several
+tracing providers.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from envoy.config.core.v3 import grpc_service_pb2
+from envoy.config.core.v3 import base_pb2, grpc_service_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -26,7 +29,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.type.v3 import percent_pb2
 
 from control.translate.errors import Problem
-from control.translate.model import MeshConfig, MeshTracing, NodeInfo
+from control.translate.model import MeshTracing, NodeInfo
+from control.translate.model_telemetry import INBOUND, OUTBOUND, NodeTelemetry, Trace
 from control.translate.protos import packed
 from control.translate.scope import Scope, cluster_name
 
@@ -43,7 +47,9 @@ def mesh_tracing(spec: dict[str, Any], report: Callable[[str, str], None]) -> Me
     if len(names) > 1:
         report("spec.defaultProviders.tracing", "only one tracing provider is supported yet")
         return None
-    providers = {p.get("name"): p for p in spec.get("extensionProviders", [])}
+    providers: dict[str, Any] = {}
+    for p in spec.get("extensionProviders", []):
+        providers.setdefault(p.get("name"), p)  # a name listed twice is reported by telemetry.py
     provider = providers.get(names[0])
     if provider is None:
         report("spec.defaultProviders.tracing[0]", f"no extensionProviders entry is named {names[0]!r}")
@@ -56,26 +62,25 @@ def mesh_tracing(spec: dict[str, Any], report: Callable[[str, str], None]) -> Me
     return MeshTracing(names[0], otel["service"], int(otel["port"]), float(sampling))
 
 
-def collector_reference(scope: Scope, problems: list[Problem]) -> set[tuple[str, int]]:
-    """The collector's (host, port), so its cluster is built even if the node does not see it."""
+def collector_reference(scope: Scope, telemetry: NodeTelemetry, problems: list[Problem]) -> set[tuple[str, int]]:
+    """The collectors' (host, port) the node exports to, so their clusters are built even if unseen."""
     mesh = scope.config.mesh
-    tr = mesh.tracing
-    if tr is None:
-        return set()
-    se = scope.registry.get(tr.service)
-    if se is None or se.port(tr.port) is None:
-        problems.append(Problem(mesh.meta.file if mesh.meta else "", "MeshConfig", "spec.extensionProviders",
-                                f"tracing provider {tr.provider!r}: no ServiceEntry host {tr.service!r} "
-                                f"with port {tr.port}"))
-        return set()
-    if not se.port(tr.port).h2:  # type: ignore[union-attr]
-        # Envoy exports spans over gRPC through this cluster: it must speak HTTP/2 (Istio's
-        # collector Services name the port grpc-otlp for the same reason).
-        problems.append(Problem(mesh.meta.file if mesh.meta else "", "MeshConfig", "spec.extensionProviders",
-                                f"tracing provider {tr.provider!r}: port {tr.port} of {tr.service} must be "
-                                "declared protocol GRPC (OTLP/gRPC runs over HTTP/2)"))
-        return set()
-    return {(tr.service, tr.port)}
+    found: set[tuple[str, int]] = set()
+    for tr in telemetry.collectors():
+        se = scope.registry.get(tr.service)
+        if se is None or se.port(tr.port) is None:
+            problems.append(Problem(mesh.meta.file if mesh.meta else "", "MeshConfig", "spec.extensionProviders",
+                                    f"tracing provider {tr.name!r}: no ServiceEntry host {tr.service!r} "
+                                    f"with port {tr.port}"))
+        elif not se.port(tr.port).h2:  # type: ignore[union-attr]
+            # Envoy exports spans over gRPC through this cluster: it must speak HTTP/2 (Istio's
+            # collector Services name the port grpc-otlp for the same reason).
+            problems.append(Problem(mesh.meta.file if mesh.meta else "", "MeshConfig", "spec.extensionProviders",
+                                    f"tracing provider {tr.name!r}: port {tr.port} of {tr.service} must be "
+                                    "declared protocol GRPC (OTLP/gRPC runs over HTTP/2)"))
+        else:
+            found.add((tr.service, tr.port))
+    return found
 
 
 def service_name(node: NodeInfo) -> str:
@@ -85,25 +90,30 @@ def service_name(node: NodeInfo) -> str:
     return f"{name or 'unknown'}.{node.namespace}"
 
 
-def http_tracing(tr: MeshTracing, node: NodeInfo) -> hcm.HttpConnectionManager.Tracing:
+def http_tracing(trace: Trace, node: NodeInfo) -> hcm.HttpConnectionManager.Tracing:
+    provider = trace.provider
     config = opentelemetry_pb2.OpenTelemetryConfig(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
-                cluster_name=cluster_name("outbound", tr.port, "", tr.service), authority=tr.service)),
+                cluster_name=cluster_name("outbound", provider.port, "", provider.service),
+                authority=provider.service)),
         service_name=service_name(node),
     )
     return hcm.HttpConnectionManager.Tracing(
-        random_sampling=percent_pb2.Percent(value=tr.sampling),
+        random_sampling=percent_pb2.Percent(value=trace.sampling),
         provider=http_tracer_pb2.Tracing.Http(name=OTEL_TRACER, typed_config=packed(config)),
     )
 
 
-def add_tracing(listeners: Iterable[listener_pb2.Listener], mesh: MeshConfig, node: NodeInfo) -> None:
-    """Give every HCM of `listeners` the mesh's tracing (in place); nothing when tracing is off."""
-    if mesh.tracing is None:
+def add_tracing(listeners: Iterable[listener_pb2.Listener], telemetry: NodeTelemetry, node: NodeInfo) -> None:
+    """Give the HCMs of `listeners` their direction's tracing (in place); nothing where it is off."""
+    by_direction = {d: http_tracing(t, node) for d, t in telemetry.tracing.items() if t is not None}
+    if not by_direction:
         return
-    tracing = http_tracing(mesh.tracing, node)
     for listener in listeners:
+        tracing = by_direction.get(INBOUND if listener.traffic_direction == base_pb2.INBOUND else OUTBOUND)
+        if tracing is None:
+            continue
         chains = [*listener.filter_chains]
         if listener.HasField("default_filter_chain"):
             chains.append(listener.default_filter_chain)

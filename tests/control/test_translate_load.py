@@ -186,29 +186,12 @@ spec:
     assert dict(group.template.ports) == {"http": 9080}
 
 
-@pytest.mark.parametrize(
-    ("kind", "api_version", "spec", "what"),
-    [
-        (
-            "Telemetry",
-            "telemetry.istio.io/v1",
-            "{tracing: [{randomSamplingPercentage: 10.5}]}",
-            "a telemetry policy",
-        ),
-    ],
-)
-def test_unenforced_kinds_are_refused_unless_allowed(
-    kind: str, api_version: str, spec: str, what: str
-) -> None:
-    text = f"apiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: p, namespace: ns}}\nspec: {spec}\n"
-    with pytest.raises(ConfigError) as caught:
-        load_text(text)
-    (problem,) = caught.value.problems
-    assert problem.resource == f"{kind} ns/p"
-    assert problem.message == (
-        f"{kind} is not enforced yet; refusing to load rather than silently ignoring {what}"
-    )
-    assert load_text(text, allow_unenforced_security=True).unenforced[0].meta.kind == kind
+def test_telemetry_is_loaded_and_enforced() -> None:
+    # Once refused as "not enforced yet"; tests/control/test_translate_telemetry.py covers it.
+    text = ("apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: p, namespace: ns}\n"
+            "spec: {tracing: [{disableSpanReporting: true}]}\n")
+    config = load_text(text)
+    assert config.unenforced == () and config.telemetries[0].meta.resource == "Telemetry ns/p"
 
 
 def test_only_one_mesh_config() -> None:
