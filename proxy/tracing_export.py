@@ -135,6 +135,7 @@ _STATUS_UNSET = _ld(b"\x7a", b"")
 _KIND = {True: b"\x30\x02", False: b"\x30\x03"}  # Span.kind = 6: SERVER 2, CLIENT 3
 _SCOPE = _ld(b"\x0a", _ld(b"\x0a", b"pillion"))  # ScopeSpans.scope = 1 {name = 1}
 _constant_attrs: dict[tuple[Any, str, str], bytes] = {}
+_RETRY_COUNT_0 = _wire_kv("retry_count", 0)
 
 
 def _constants(settings: Any, workload: str, namespace: str) -> bytes:
@@ -146,6 +147,20 @@ def _constants(settings: Any, workload: str, namespace: str) -> bytes:
         found = _constant_attrs[key] = (
             _wire_kv("istio.canonical_service", settings.service_name.split(".", 1)[0])
             + _wire_kv("istio.namespace", namespace) + _wire_kv("istio.workload", workload))
+    return found
+
+
+_attr_cache: dict[tuple[str, str | int], bytes] = {}
+
+
+def _attr(key: str, value: str | int) -> bytes:
+    """An encoded attribute; most values repeat span after span (method, host, cluster, code, peer)."""
+    k = (key, value)
+    found = _attr_cache.get(k)
+    if found is None:
+        if len(_attr_cache) >= 4096:
+            _attr_cache.clear()
+        found = _attr_cache[k] = _wire_kv(key, value)
     return found
 
 
@@ -166,18 +181,18 @@ def encode_span(rec: Sequence[Any]) -> bytes:
         _KIND[bool(settings.server)],
         b"\x39", start_ns.to_bytes(8, "little"),  # start_time_unix_nano = 7 (fixed64)
         b"\x41", end_ns.to_bytes(8, "little"),  # end_time_unix_nano = 8 (fixed64)
-        _wire_kv("http.request.method", method.decode("latin-1")),
-        _wire_kv("url.path", url_path),
-        _wire_kv("server.address", h),
-        _wire_kv("http.response.status_code", status),
-        _wire_kv("network.peer.address", peer_addr.decode("latin-1") if isinstance(peer_addr, bytes) else peer_addr),
+        _attr("http.request.method", method.decode("latin-1")),
+        _attr("url.path", url_path),
+        _attr("server.address", h),
+        _attr("http.response.status_code", status),
+        _attr("network.peer.address", peer_addr.decode("latin-1") if isinstance(peer_addr, bytes) else peer_addr),
         _constants(settings, workload, namespace),
-        _wire_kv("upstream_cluster", cluster),
-        _wire_kv("response_flags", flags or "-"),
-        _wire_kv("retry_count", 0),
+        _attr("upstream_cluster", cluster),
+        _attr("response_flags", flags or "-"),
+        _RETRY_COUNT_0,
     )
     if spiffe:
-        parts.append(_wire_kv("peer.spiffe_id", spiffe))
+        parts.append(_attr("peer.spiffe_id", spiffe))
     parts.append(_STATUS_ERROR if status >= 500 or status == 0 else _STATUS_UNSET)
     return b"".join(parts)
 
