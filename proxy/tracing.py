@@ -43,7 +43,7 @@ BATCH_SIZE = 512
 
 # One finished span, as queued (positional, to stay a plain tuple):
 # (settings, trace_id, span_id, parent_id, start_ns, end_ns, method, host, path, status, flags,
-#  upstream_cluster, peer_address, peer_spiffe_id, workload, namespace)
+#  upstream_cluster, peer_address, peer_spiffe_id, workload, namespace, retries)
 SpanRecord = tuple[Any, ...]
 
 
@@ -106,7 +106,7 @@ def end(st: Stream, span: ActiveSpan, status: int, flags: str) -> None:
         span.settings, span.trace_id, span.span_id, span.parent_id, span.start_ns, time.time_ns(),
         st.method, st.host, st.path, status, flags, rt.spec.name if rt is not None else "",
         conn.client_ip, peer.spiffe_id if peer is not None else "",
-        node.get("workload", ""), node.get("namespace", ""),
+        node.get("workload", ""), node.get("namespace", ""), max(st.attempt - 1, 0),
     ))
 
 

@@ -47,7 +47,7 @@ def _kv(key: str, value: str | int) -> common_pb2.KeyValue:
 def to_span(rec: Sequence[Any]) -> trace_pb2.Span:
     """One queued record (see ``proxy.tracing.SpanRecord``) as an OTLP span."""
     (settings, trace_id, span_id, parent_id, start_ns, end_ns, method, host, path, status, flags,
-     cluster, peer_addr, spiffe, workload, namespace) = rec
+     cluster, peer_addr, spiffe, workload, namespace, retries) = rec
     m = method.decode("latin-1")
     h = host.decode("latin-1")
     p = path.decode("latin-1")
@@ -63,7 +63,7 @@ def to_span(rec: Sequence[Any]) -> trace_pb2.Span:
         _kv("istio.workload", workload),
         _kv("upstream_cluster", cluster),
         _kv("response_flags", flags or "-"),
-        _kv("retry_count", 0),
+        _kv("retry_count", retries),
     ]
     if spiffe:
         attrs.append(_kv("peer.spiffe_id", spiffe))
@@ -167,7 +167,7 @@ def _attr(key: str, value: str | int) -> bytes:
 def encode_span(rec: Sequence[Any]) -> bytes:
     """One queued record as the wire bytes of an OTLP Span (the fields ``to_span`` sets, same order)."""
     (settings, trace_id, span_id, parent_id, start_ns, end_ns, method, host, path, status, flags,
-     cluster, peer_addr, spiffe, workload, namespace) = rec
+     cluster, peer_addr, spiffe, workload, namespace, retries) = rec
     h = host.decode("latin-1")
     url_path = path.decode("latin-1").split("?", 1)[0]
     parts = [
@@ -189,7 +189,7 @@ def encode_span(rec: Sequence[Any]) -> bytes:
         _constants(settings, workload, namespace),
         _attr("upstream_cluster", cluster),
         _attr("response_flags", flags or "-"),
-        _RETRY_COUNT_0,
+        _RETRY_COUNT_0 if not retries else _attr("retry_count", retries),
     )
     if spiffe:
         parts.append(_attr("peer.spiffe_id", spiffe))

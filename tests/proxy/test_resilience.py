@@ -228,3 +228,19 @@ async def test_idle_upstream_connections_close_after_the_cluster_idle_timeout() 
         await up.wait_for(lambda: up.closed == 1, timeout=5)  # the worker's next sweep closes it
         assert (await one_request(px.port, GET)).status == 200  # and a new one is opened when needed
         assert len(up.transports) == 2
+
+
+async def test_a_retried_request_s_span_counts_its_retries() -> None:
+    """The client span of a request that took a retry says so (retry_count), exported to a real receiver."""
+    from control.otlp_receiver import OtlpReceiver
+    from tests.helpers.poll import poll
+
+    async with OtlpReceiver() as rx, FixedUpstream(lambda n: 503 if n == 0 else 200) as up:
+        tracing = model.TraceSettings(100.0, "collector", "client.default", False)
+        snap = snapshot([route(retry=retry("5xx"))], [cluster("c", up.port), cluster("collector", rx.port)],
+                        http={"tracing": tracing})
+        async with serve(snap) as px:
+            assert (await one_request(px.port, GET)).status == 200
+            spans = await poll(lambda: [s for t in rx.traces() for s in t["spans"]], timeout=10,
+                               what="the client span at the receiver")
+        assert [(s["kind"], s["attributes"]["retry_count"]) for s in spans] == [("CLIENT", 1)]

@@ -100,7 +100,8 @@ SETTINGS = model.TraceSettings(100.0, "outbound|4317||collector", "reviews.defau
 
 def _record(i: int) -> tuple[object, ...]:
     return (SETTINGS, TRACE, b"%016x" % (i + 1), SPAN, 1_000, 2_000_000, b"GET", b"reviews", b"/r?q=1", 503, "UF",
-            "outbound|9080||reviews", b"10.0.0.1", "spiffe://cluster.local/ns/default/sa/p", "reviews-v1", "default")
+            "outbound|9080||reviews", b"10.0.0.1", "spiffe://cluster.local/ns/default/sa/p", "reviews-v1", "default",
+            i % 3)
 
 
 def test_the_queue_is_bounded_and_counts_drops() -> None:
@@ -129,9 +130,9 @@ def test_the_wire_encoding_is_the_same_message_as_the_proto_classes_build() -> N
     client = model.TraceSettings(1.0, "outbound|4317||collector", "productpage.default", False)
     batch = [_record(i) for i in range(3)]
     batch.append((client, TRACE, b"00000000000000ff", b"", 5, 10**18, b"POST", b"ratings:9080", b"/", 200, "",
-                  "outbound|9080||ratings", "10.0.0.2", "", "productpage-v1", "default"))  # no parent, no peer id
+                  "outbound|9080||ratings", "10.0.0.2", "", "productpage-v1", "default", 0))  # no parent, no peer id
     batch.append((SETTINGS, TRACE, b"0000000000000100", SPAN, 7, 8, b"GET", b"h", b"/x", 0, "DC",
-                  "c", b"::1", "", "w", "ns"))  # status 0 (client gone): an error span
+                  "c", b"::1", "", "w", "ns", 2))  # status 0 (client gone): an error span
     wire = encode_request(batch)
     assert trace_service_pb2.ExportTraceServiceRequest.FromString(wire) == to_request(batch)
 
