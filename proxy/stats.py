@@ -88,9 +88,9 @@ class ClusterStats:
         self.name = name
         self.service = service
         self.direction = direction
-        # (code, flags, mtls, peer identity): the peer's SPIFFE id inbound, the server's expected one
+        # (code, flags, mtls, peer identity, gRPC status or None): the peer's SPIFFE id inbound, the server's expected one
         # outbound ("" unknown). Bounded: identities are the mesh's service accounts.
-        self.classes: dict[tuple[int, str, bool, str], RequestClass] = {}
+        self.classes: dict[tuple[int, str, bool, str, int | None], RequestClass] = {}
         self.rq_total = 0
         self.rq_active = 0
         self.rq_timeout = 0
@@ -121,8 +121,9 @@ class ClusterStats:
         self.rq_mirrored = 0
 
     def record_request(self, code: int, flags: str, duration_ms: float, req_bytes: int, resp_bytes: int,
-                       mtls: bool = False, peer: str = "") -> None:
-        key = (code, flags, mtls, peer)
+                       mtls: bool = False, peer: str = "", grpc: int | None = None) -> None:
+        """``grpc``: the gRPC status of a gRPC request (-1: none seen), None for plain HTTP."""
+        key = (code, flags, mtls, peer, grpc)
         cls = self.classes.get(key)
         if cls is None:
             cls = self.classes[key] = RequestClass()
@@ -145,13 +146,13 @@ class ClusterStats:
         out["direction"] = self.direction
         out["ejected"] = dict(self.ejected)
         out["classes"] = {
-            f"{code}|{flags}|{int(mtls)}|{peer}": {
+            f"{code}|{flags}|{int(mtls)}|{'' if grpc is None else grpc}|{peer}": {
                 "count": c.count,
                 "duration": c.duration.export(),
                 "request_size": c.request_size.export(),
                 "response_size": c.response_size.export(),
             }
-            for (code, flags, mtls, peer), c in self.classes.items()
+            for (code, flags, mtls, peer, grpc), c in self.classes.items()
         }
         return out
 
@@ -287,17 +288,18 @@ def render_prometheus(merged: Mapping[str, Any], node: Mapping[str, str], extra:
         ]
 
     def request_labels(cname: str, c: Mapping[str, Any], key: str, with_policy: bool) -> list[tuple[str, str]]:
-        """Labels of one request class: key "code|flags|mtls|peer" (older exports: "code|flags")."""
+        """Labels of one request class: key "code|flags|mtls|grpc status|peer" (peer last: it may be long)."""
         head, tail = istio_base(cname, c)
-        code, flags, mtls, peer = [*key.split("|", 3), "0", ""][:4]
+        code, flags, mtls, grpc, peer = [*key.split("|", 4), "0", "", ""][:5]
         inbound = c.get("direction") == "inbound"
         # inbound: peer = the client's SPIFFE id; outbound: the server's expected identity
         src_p, dst_p = (peer or "unknown", "unknown") if inbound else ("unknown", peer or "unknown")
         lab = [*head, ("source_principal", src_p), *tail[:6], ("destination_principal", dst_p), *tail[6:],
-               ("request_protocol", "http"), ("response_code", code), ("response_flags", flags or "-")]
+               ("request_protocol", "grpc" if grpc else "http"), ("response_code", code),
+               ("response_flags", flags or "-")]
         if with_policy:
             lab.append(("connection_security_policy", "mutual_tls" if inbound and mtls == "1" else "none"))
-        lab.append(("grpc_response_status", ""))  # gRPC status: not parsed yet
+        lab.append(("grpc_response_status", grpc if grpc and grpc != "-1" else ""))
         return lab
 
     def family(name: str, kind: str, help_: str) -> None:

@@ -69,7 +69,9 @@ def _upstream_identity(tls: TlsClient | None) -> tuple[bool, str]:
 
 class Stream(Forwarder):
     __slots__ = (
-        "close_after", "cluster", "conn", "ctx", "done", "expect_continue", "flags", "grpc", "hdrs", "host", "http10", "keep_alive", "method", "path", "raw_headers", "req_bytes", "req_chunked", "req_complete", "resp_bytes", "route", "scheme", "span", "t0", "url",
+        "close_after", "cluster", "conn", "ctx", "done", "expect_continue", "flags", "grpc", "grpc_status",
+        "hdrs", "host", "http10", "keep_alive", "method", "path", "raw_headers", "req_bytes", "req_chunked",
+        "req_complete", "resp_bytes", "route", "scheme", "span", "t0", "url",
     )
 
     def __init__(self, conn: HttpConnection, ctx: Context) -> None:
@@ -86,6 +88,7 @@ class Stream(Forwarder):
         self.host = b""
         self.path = b""
         self.grpc = False  # content-type application/grpc: local replies are gRPC trailers-only
+        self.grpc_status = -1  # the gRPC status the client got (for Istio's grpc_response_status); -1: none
         self.expect_continue = False
         self.req_chunked = False  # the HTTP/1.1 upstream gets a chunked body
         self.req_complete = False
@@ -221,6 +224,10 @@ class Stream(Forwarder):
     def downstream_h2(self) -> bool:
         return False
 
+    def h2_fields(self, head: bytes, scheme: bytes) -> list[tuple[bytes, bytes]] | None:  # [http2]
+        """``head`` (``out[0]``) as HTTP/2 request fields when the stream still has them unedited, else None."""
+        return None
+
     def _local_answer(self, route: Route) -> ProxyError:
         d = route.direct
         if d is not None:
@@ -333,6 +340,8 @@ class Stream(Forwarder):
         route = self.route
         if self.keep is not None and (route is None or not route.mirrors or self.req_complete):
             self.keep = None  # committed: nothing left to replay
+        if self.grpc:  # a trailers-only response carries grpc-status in its head
+            self._grpc_status(headers)
         if route is not None and route.mutation is not None and (route.mutation.response_add
                                                                   or route.mutation.response_remove):
             headers = edit_response_headers(headers, route.mutation)
@@ -344,8 +353,15 @@ class Stream(Forwarder):
         self.resp_bytes += len(data)
         self.emit_body(data)
 
+    def _grpc_status(self, fields: list[tuple[bytes, bytes]]) -> None:
+        for n, v in fields:
+            if n.lower() == b"grpc-status" and v.isdigit():
+                self.grpc_status = int(v)
+
     def on_upstream_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
         if not self.done:
+            if self.grpc:
+                self._grpc_status(trailers)
             self.emit_end(trailers)
             self._complete(True)
 
@@ -434,7 +450,8 @@ class Stream(Forwarder):
             else:
                 mtls, ident = _upstream_identity(self.upstream_tls)
             rt.stats.record_request(code, flags, (self.ctx.loop.time() - self.t0) * 1000.0,
-                                    self.req_bytes, self.resp_bytes, mtls, ident)
+                                    self.req_bytes, self.resp_bytes, mtls, ident,
+                                    self.grpc_status if self.grpc else None)
         # [accesslog] one queued tuple per request when the listener logs; formatted in the background
         http = self.conn.listener.http
         if http is not None and http.access_log is not None:
@@ -464,6 +481,8 @@ class Stream(Forwarder):
         """The connection answered (or reset) this request itself."""
         self._stop()
         self.flags = f"{self.flags},{err.flag}" if self.flags and err.flag else (err.flag or self.flags)
+        if self.grpc and not self.response_started:
+            self.grpc_status = err.grpc_status  # the trailers-only reply the codec sends
         up = self.upstream
         if up is not None:
             self.upstream = None
@@ -473,7 +492,7 @@ class Stream(Forwarder):
             self._record(err.status, self.flags)
         else:
             self.ctx.stats.cluster("BlackHoleCluster", "BlackHoleCluster").record_request(
-                err.status, err.flag, 0.0, self.req_bytes, body_len)
+                err.status, err.flag, 0.0, self.req_bytes, body_len, grpc=self.grpc_status if self.grpc else None)
             if self.span is not None:  # [tracing] no route: the span ends here
                 tracing.end(self, self.span, err.status, err.flag)
             http = self.conn.listener.http  # [accesslog] no cluster: only the access log line

@@ -48,7 +48,7 @@ class Served:
 
     def flags(self, cluster_name: str = "c") -> dict[tuple[int, str], int]:
         out: dict[tuple[int, str], int] = {}
-        for (code, flags, _m, _p), cls in self.stats(cluster_name).classes.items():
+        for (code, flags, _m, _p, _g), cls in self.stats(cluster_name).classes.items():
             out[(code, flags)] = out.get((code, flags), 0) + cls.count
         return out
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers.config import service_entry, sidecar, write
 from tests.helpers.jwks import Issuer
-from tests.helpers.net import free_port, standalone_proxy
+from tests.helpers.net import ProxyHandle, free_port, standalone_proxy
 from tests.proxy.test_grpc import App
 
 HOST = "greeter.default.svc.cluster.local"
@@ -51,7 +51,7 @@ spec:
 
 
 @contextlib.asynccontextmanager
-async def guarded(tmp_path: Path, idp: Issuer) -> AsyncIterator[tuple[App, grpc.aio.Channel]]:
+async def guarded(tmp_path: Path, idp: Issuer) -> AsyncIterator[tuple[App, grpc.aio.Channel, ProxyHandle]]:
     app = App()
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((app.handler(),))
@@ -60,11 +60,11 @@ async def guarded(tmp_path: Path, idp: Issuer) -> AsyncIterator[tuple[App, grpc.
     try:
         port = free_port()
         write(tmp_path, policy_yaml(port, app_port, idp))
-        async with standalone_proxy(tmp_path, labels={"app": "greeter"}, drain_seconds=0.5):
+        async with standalone_proxy(tmp_path, labels={"app": "greeter"}, drain_seconds=0.5) as px:
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
                 ("grpc.default_authority", HOST), ("grpc.enable_retries", 0)])
             try:
-                yield app, channel
+                yield app, channel, px
             finally:
                 await channel.close()
     finally:
@@ -73,7 +73,7 @@ async def guarded(tmp_path: Path, idp: Issuer) -> AsyncIterator[tuple[App, grpc.
 
 async def test_authorization_policy_denial_is_permission_denied(tmp_path: Path) -> None:
     idp = Issuer()
-    async with guarded(tmp_path, idp) as (app, ch):
+    async with guarded(tmp_path, idp) as (app, ch, px):
         assert await ch.unary_unary("/test.Svc/Echo")(b"hi", timeout=10) == b"echo:hi"
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await ch.unary_unary("/test.Svc/Fail")(b"x", timeout=10)
@@ -81,11 +81,17 @@ async def test_authorization_policy_denial_is_permission_denied(tmp_path: Path) 
         assert e.value.details() == "RBAC: access denied"
         assert ("x-pillion-flags", "RBAC") in tuple(e.value.trailing_metadata())
         assert app.calls == {"Echo": 1}  # the denied call never reached the app
+        # Istio's labels for gRPC: request_protocol "grpc" and the gRPC status each client got
+        _, prom = await px.admin_get("/stats/prometheus")
+        totals = [line for line in prom.decode().splitlines() if line.startswith("istio_requests_total{")]
+        assert any('request_protocol="grpc"' in t and 'grpc_response_status="0"' in t and t.endswith(" 1")
+                   for t in totals), totals
+        assert any('response_flags="RBAC"' in t and 'grpc_response_status="7"' in t for t in totals), totals
 
 
 async def test_invalid_jwt_is_unauthenticated_and_a_valid_one_passes(tmp_path: Path) -> None:
     idp = Issuer()
-    async with guarded(tmp_path, idp) as (app, ch):
+    async with guarded(tmp_path, idp) as (app, ch, _px):
         echo = ch.unary_unary("/test.Svc/Echo")
         good = idp.token()
         assert await echo(b"a", metadata=(("authorization", f"Bearer {good}"),), timeout=10) == b"echo:a"
