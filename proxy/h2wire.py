@@ -21,82 +21,71 @@ queueing GOAWAY (the caller writes it and closes); a stream error queues
 RST_STREAM and tells the handler the stream is gone. Frames for streams
 that are already closed are stream errors (STREAM_CLOSED) or ignored, as
 section 5.1 allows, and their DATA still counts against, and is handed back
-to, the connection window. The upstream (client) side keeps using h2
-(``h2base``), where it is not the bottleneck.
+to, the connection window. The pieces both sides share are in ``h2frames``;
+the upstream (client) side is ``h2wire_client``.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import NoReturn, Protocol
 
 from hpack import Decoder, Encoder, HPACKError
-from hpack.table import HeaderTable
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-MAX_WINDOW = (1 << 31) - 1
-DEFAULT_WINDOW = 65535
-MAX_FRAME = 16384  # what we accept: we never advertise a larger SETTINGS_MAX_FRAME_SIZE
+from proxy.h2frames import (
+    ACK,
+    CANCEL,
+    COMPRESSION_ERROR,
+    CONTINUATION,
+    DATA,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEADERS,
+    INTERNAL_ERROR,
+    MAX_FRAME,
+    MAX_WINDOW,
+    NO_ERROR,
+    PING,
+    PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
+    PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    REFUSED_STREAM,
+    RST_STREAM,
+    S_ENABLE_PUSH,
+    S_HEADER_TABLE_SIZE,
+    S_INITIAL_WINDOW_SIZE,
+    S_MAX_CONCURRENT_STREAMS,
+    S_MAX_FRAME_SIZE,
+    SETTINGS,
+    STREAM_CLOSED,
+    WINDOW_UPDATE,
+    H2ConnectionError,
+    Table,
+    frame,
+    goaway_frame,
+    rst_frame,
+    unpad,
+    window_frame,
+)
+from proxy.h2frames import GOAWAY_BODY as _GOAWAY
+from proxy.h2frames import HDR as _HDR
+from proxy.h2frames import SETTING as _SETTING
+from proxy.h2frames import U32 as _U32
+from proxy.h2frames import pack_hdr as _pack_hdr
 
-# frame types and flags
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-# error codes
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
-ENHANCE_YOUR_CALM = 11
-# settings
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 1, 2, 3, 4, 5
-
-_HDR = struct.Struct(">HBBBI")  # length high 16, length low 8, type, flags, stream id
-_pack_hdr = _HDR.pack
-_U32 = struct.Struct(">I")
-_SETTING = struct.Struct(">HI")
-_GOAWAY = struct.Struct(">II")
+__all__ = [  # the names h2conn and the tests use from here
+    "CANCEL", "COMPRESSION_ERROR", "ENHANCE_YOUR_CALM", "FLOW_CONTROL_ERROR", "FRAME_SIZE_ERROR", "INTERNAL_ERROR",
+    "NO_ERROR", "PROTOCOL_ERROR", "REFUSED_STREAM", "STREAM_CLOSED", "H2ConnectionError", "ServerH2",
+    "goaway_frame", "rst_frame", "window_frame",
+]
 _CACHE_MAX = 64
 _SELF_DEP = 0x100  # internal: a HEADERS frame whose priority names its own stream
-
-
-def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _pack_hdr(n >> 8, n & 0xFF, ftype, flags, sid) + payload
-
-
-def rst_frame(sid: int, code: int) -> bytes:
-    return _pack_hdr(0, 4, RST_STREAM, 0, sid) + _U32.pack(code)
-
-
-def window_frame(sid: int, n: int) -> bytes:
-    return _pack_hdr(0, 4, WINDOW_UPDATE, 0, sid) + _U32.pack(n)
-
-
-def goaway_frame(last_sid: int, code: int) -> bytes:
-    return _pack_hdr(0, 8, GOAWAY, 0, 0) + _GOAWAY.pack(last_sid, code)
-
-
-class H2ConnectionError(Exception):
-    """An HTTP/2 connection error: GOAWAY with ``code`` is queued; the connection must close."""
-
-    def __init__(self, code: int, msg: str) -> None:
-        super().__init__(msg)
-        self.code = code
-
-
-class _Table(HeaderTable):
-    """hpack's dynamic table, counting its changes (the memo key)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gen = 0
-
-    def add(self, name: bytes, value: bytes) -> None:
-        self.gen += 1
-        super().add(name, value)
-
-    @HeaderTable.maxsize.setter  # type: ignore[attr-defined,misc,untyped-decorator]
-    def maxsize(self, newmax: int) -> None:
-        self.gen += 1
-        HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
 
 
 class Handler(Protocol):
@@ -145,9 +134,9 @@ class ServerH2:
         self.last_sid = 0
         self.dead = False
         self.decoder = Decoder(max_header_list_size)
-        self.decoder.header_table = _Table()
+        self.decoder.header_table = Table()
         self.encoder = Encoder()
-        self.encoder.header_table = _Table()
+        self.encoder.header_table = Table()
         self._dec_cache: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
         self._enc_cache: dict[tuple[tuple[bytes, bytes], ...], tuple[int, bytes]] = {}
         self._buf = b""
@@ -358,14 +347,6 @@ class ServerH2:
         if self.streams.pop(sid, None) is not None:
             self.handler.on_reset(sid, False)
 
-    @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes | None:
-        if not flags & PADDED:
-            return payload
-        if not payload or payload[0] >= len(payload):
-            return None
-        return payload[1:len(payload) - payload[0]]
-
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
         if not sid:
             self._fail(PROTOCOL_ERROR, "DATA on stream 0")
@@ -380,7 +361,7 @@ class ServerH2:
             self._stream_error(sid, STREAM_CLOSED)
             self.acknowledge_received_data(n, sid)  # nobody reads it: the connection window comes back now
             return
-        data = self._unpad(flags, payload)
+        data = unpad(flags, payload)
         if data is None:
             self._fail(PROTOCOL_ERROR, "invalid padding")
         st.recv_window -= n
@@ -395,7 +376,7 @@ class ServerH2:
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
         if not sid or not sid & 1:
             self._fail(PROTOCOL_ERROR, "HEADERS on stream 0 or an even stream")
-        block = self._unpad(flags, payload)
+        block = unpad(flags, payload)
         if block is None:
             self._fail(PROTOCOL_ERROR, "invalid padding")
         if flags & PRIORITY_FLAG:

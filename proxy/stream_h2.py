@@ -50,6 +50,7 @@ class H2Stream(Stream):
     __slots__ = (
         "client_ip",
         "h2",
+        "h2_req",
         "head",
         "listener",
         "original_dst",
@@ -77,6 +78,7 @@ class H2Stream(Stream):
         self.pend: list[bytes] = []  # response bytes waiting for the client's window
         self.pend_bytes = 0
         self.pend_end: list[tuple[bytes, bytes]] | bool | None = None  # end of response queued behind ``pend``
+        self.h2_req: tuple[bytes, bytes, bytes, bytes, list[bytes], frozenset[bytes]] | None = None  # [http2]
 
     # ------------------------------------------------------------------ request head
     def prepare(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
@@ -152,9 +154,38 @@ class H2Stream(Stream):
             head.append(b"transfer-encoding: chunked\r\n")
         if hdrs.get(b"te") == b"trailers":
             head.append(b"te: trailers\r\n")
-        head += self.upstream_headers()
+        extra = self.upstream_headers()
+        head += extra
         head.append(b"\r\n")
-        self.out.append(b"".join(head))
+        h1 = b"".join(head)
+        self.out.append(h1)
+        self.h2_req = (h1, method, path, host, extra, special)  # [http2] for h2_fields, while out[0] is h1
+
+    def h2_fields(self, head: bytes, scheme: bytes) -> list[tuple[bytes, bytes]] | None:
+        """The forwarded request as HTTP/2 fields, from the decoded block instead of the HTTP/1.1 text.
+
+        Only while ``head`` is the very head ``prepare`` built (a route or policy edit replaces ``out[0]``).
+        Same fields in the same order as ``upstream_h2conn.h2_headers(head)`` would give."""
+        req = self.h2_req
+        if req is None or req[0] is not head:
+            return None
+        _, method, path, host, extra, special = req
+        fields = [(b":method", method), (b":scheme", scheme), (b":authority", host), (b":path", path)]
+        for name, value in self.raw_headers:
+            if name[:1] != b":" and name not in special:
+                fields.append((name, value))
+        hdrs = self.hdrs
+        cookie = hdrs.get(b"cookie")
+        if cookie is not None:
+            fields.append((b"cookie", cookie))
+        if hdrs.get(b"te") == b"trailers":
+            fields.append((b"te", b"trailers"))
+        if extra:
+            for line in b"".join(extra).split(b"\r\n"):
+                if line:
+                    name, _, value = line.partition(b":")
+                    fields.append((name.lower(), value.strip()))
+        return fields
 
     def downstream_h2(self) -> bool:
         return True

@@ -31,9 +31,25 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 
-from proxy.h2base import GracefulH2
+
+class GracefulH2(h2.connection.H2Connection):
+    """h2's ``H2Connection``, except that a GOAWAY does not stop the streams it lets finish.
+
+    h2 4.x moves its whole connection to CLOSED on any GOAWAY, after which a DATA frame of a
+    stream below ``last_stream_id`` is a protocol error; RFC 9113 section 6.8 says those streams
+    complete normally. (The proxy itself no longer uses h2: see ``proxy.h2wire``/``h2wire_client``.)
+    """
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        sm = self.state_machine
+        before = sm.state
+        result = super()._receive_goaway_frame(frame)
+        if before in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN):
+            sm.state = before  # streams up to last_stream_id go on; the caller opens no new ones
+        return result
 
 
 @dataclass

@@ -237,3 +237,31 @@ async def test_drain_sends_goaway_and_lets_streams_finish(tmp_path):
 def _ctx(proxy: ProxyHandle):  # type: ignore[no-untyped-def]
     """The in-process worker's Context (the proxy runs on this test's loop)."""
     return proxy.supervisor.workers[0].worker.ctx  # type: ignore[union-attr]
+
+
+async def test_h2_fields_seam_gives_what_the_http1_head_would(tmp_path, monkeypatch):
+    """[http2] An unedited HTTP/2 request goes upstream from its decoded fields, not re-parsed from out[0]."""
+    from proxy.stream_h2 import H2Stream
+    from proxy.upstream_h2conn import h2_headers
+
+    checked: list[bool] = []
+    real = H2Stream.h2_fields
+
+    def h2_fields(self, head, scheme):  # type: ignore[no-untyped-def]
+        fields = real(self, head, scheme)
+        if fields is not None:
+            assert fields == h2_headers(head, scheme)
+            assert real(self, head[:-1] + head[-1:], scheme) is None  # an edited (replaced) head: not used
+        checked.append(fields is not None)
+        return fields
+
+    monkeypatch.setattr(H2Stream, "h2_fields", h2_fields)
+    async with mesh(tmp_path) as m, h2client(m.h2_port) as c:
+        r = await c.request("POST", "/echo?q=1", H2HOST, [("te", "trailers"), ("cookie", "a=1"), ("cookie", "b=2"),
+                                                         ("x-multi", "1"), ("x-multi", "2"), ("user-agent", "t/1")],
+                            b"ping")
+        assert r.status == 200 and r.body == b"ping"
+        hd = m.h2up.requests[-1].headers
+        assert ("cookie", "a=1; b=2") in hd and [v for k, v in hd if k == "x-multi"] == ["1", "2"]
+        assert dict(hd)[":path"] == "/echo?q=1" and ("te", "trailers") in hd
+    assert checked == [True]
