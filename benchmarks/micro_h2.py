@@ -12,7 +12,8 @@ HTTP/2 frames, written to an in-memory sink. Rows:
 - ``h2 gRPC unary -> HTTP/1.1``: HEADERS + one DATA (a 5-byte gRPC frame header
   and a 64-byte message, END_STREAM), the upstream HTTP/1.1 (chunked request),
   as in ``h2bench``'s ``grpc_unary``;
-- ``h2 gRPC unary -> h2``: the same request to a GRPC port (HTTP/2 upstream);
+- ``h2 gRPC unary -> h2``: the same request to a GRPC port (HTTP/2 upstream,
+  ``upstream_h2conn.H2UpstreamConnection`` on ``h2wire_client.ClientH2``);
   the upstream answers HEADERS, DATA, trailers (``grpc-status: 0``).
 
 The client's header blocks are HPACK-encoded once (after the first request
