@@ -188,7 +188,8 @@ class FieldEncoder:
         self.size = 0
         self.seq = 0  # insertions so far; entry number s has index 62 + (seq - 1 - s)
         self.entries: deque[tuple[tuple[bytes, bytes], int, int]] = deque()  # (field, size, number), oldest first
-        self.index: dict[tuple[bytes, bytes], int] = {}
+        # field -> its entry number in the dynamic table (>= 0), or minus its static index: one lookup a field
+        self.index: dict[tuple[bytes, bytes], int] = {f: -i for f, i in _STATIC_FIELD.items()}
         self.pending: list[int] = []  # table size updates to signal at the start of the next block
 
     def set_max(self, peer_max: int) -> None:
@@ -217,13 +218,11 @@ class FieldEncoder:
                 out += _int(size, 5, 0x20)
             sizes.clear()
         index = self.index
+        get = index.get
         for field in headers:
-            i = _STATIC_FIELD.get(field)
-            if i is None:
-                num = index.get(field)
-                if num is not None:
-                    i = 62 + self.seq - 1 - num
-            if i is not None:
+            code = get(field)
+            if code is not None:
+                i = -code if code < 0 else 61 + self.seq - code
                 out += _ONE[i] if i < 127 else _int(i, 7, 0x80)
                 continue
             name, value = field
