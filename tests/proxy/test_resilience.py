@@ -244,3 +244,14 @@ async def test_a_retried_request_s_span_counts_its_retries() -> None:
             spans = await poll(lambda: [s for t in rx.traces() for s in t["spans"]], timeout=10,
                                what="the client span at the receiver")
         assert [(s["kind"], s["attributes"]["retry_count"]) for s in spans] == [("CLIENT", 1)]
+
+
+async def test_a_body_too_big_to_replay_is_not_retried() -> None:
+    """Only bytes still held (up to 1 MiB) can be replayed: a bigger upload that is reset is not retried."""
+    async with FixedUpstream(lambda n: "reset") as up, \
+            serve(snapshot([route(retry=retry("reset", n=3))], [cluster("c", up.port)])) as px:
+        body = b"x" * (1 << 20) + b"y" * 4096
+        r = await one_request(px.port, b"POST /p HTTP/1.1\r\nhost: svc\r\ncontent-length: %d\r\n\r\n%s"
+                              % (len(body), body), timeout=10)
+        assert r.status == 503 and r.header("x-pillion-flags") == "UR"  # no URX: never retried
+        assert len(up.seen) == 1 and px.stats().rq_retry == 0
