@@ -8,7 +8,7 @@ tracing to an OTLP/gRPC collector at 1% and at 100% random sampling. The collect
 is a real one (``control.otlp_receiver``, the embedded receiver of ``pillion control``)
 on the load generator's core, so spans are really exported. ``wrk -t1 -c32`` drives
 keep-alive HTTP/1.1 after a warm-up, pinned as in ``benchmarks.macro``. The report is
-each proxy's requests/s at 1% and 100% relative to its own tracing-off run, and the
+each proxy's requests/s at 0% (propagation only), 1% and 100% relative to its own tracing-off run, and the
 collector's span count (proof that export happened). Issue targets: 1% sampling costs
 Pillion < 5%, 100% costs < 25%.
 """
@@ -39,7 +39,7 @@ from benchmarks.targets import (
 )
 
 COLLECTOR = "otel-collector.default.svc.cluster.local"
-MODES = {"off": None, "1%": 1.0, "100%": 100.0}
+MODES = {"off": None, "0%": 0.0, "1%": 1.0, "100%": 100.0}  # 0%: context propagated, nothing sampled
 
 
 def tracing_yaml(collector_port: int, sampling: float) -> str:
