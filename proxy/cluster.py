@@ -181,6 +181,9 @@ class ClusterManager:
                 for pool in rt.pools.values():
                     if pool.idle:
                         pool.close_idle(now, timeout)
+                for h2p in rt.h2_pools.values():  # [http2]
+                    if h2p.conns:
+                        h2p.close_idle(now, timeout)
 
     def close(self) -> None:
         for rt in self.clusters.values():

@@ -196,6 +196,11 @@ class H2Pool:
             if self.waiters:
                 self.serve_waiters()
 
+    def close_idle(self, now: float, idle_timeout: float) -> None:
+        """The cluster's idle_timeout: close connections with no stream for that long."""
+        for conn in [c for c in self.conns if not c.active and now - c.idle_since >= idle_timeout]:
+            conn.close()
+
     def retire(self) -> None:
         """No new streams; connections close when their streams end."""
         self.retired = True

@@ -192,8 +192,8 @@ class H2Exchange:
 
 
 class H2UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("_flush_handle", "_told", "_touched", "active", "blocked", "closed", "goaway", "h2", "limit",
-                 "pool", "ready", "scheme", "streams", "transport", "uses")
+    __slots__ = ("_flush_handle", "_told", "_touched", "active", "blocked", "closed", "goaway", "h2", "idle_since",
+                 "limit", "pool", "ready", "scheme", "streams", "transport", "uses")
 
     def __init__(self, pool: H2Pool) -> None:
         self.pool = pool
@@ -202,6 +202,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.streams: dict[int, H2Exchange] = {}
         self.blocked: set[H2Exchange] = set()
         self.active = 0  # exchanges handed out and not released (some may not have sent HEADERS yet)
+        self.idle_since = pool.loop.time()  # when ``active`` last dropped to 0 (the cluster's idle_timeout)
         self.uses = 0
         self.limit = pool.max_streams
         self.goaway = False
@@ -368,6 +369,8 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def end(self, up: H2Exchange, reset: bool) -> None:
         self.active -= 1
+        if not self.active:
+            self.idle_since = self.pool.loop.time()
         self.blocked.discard(up)
         sid = up.sid
         if sid and self.streams.pop(sid, None) is not None:

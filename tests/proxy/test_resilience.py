@@ -255,3 +255,15 @@ async def test_a_body_too_big_to_replay_is_not_retried() -> None:
                               % (len(body), body), timeout=10)
         assert r.status == 503 and r.header("x-pillion-flags") == "UR"  # no URX: never retried
         assert len(up.seen) == 1 and px.stats().rq_retry == 0
+
+
+async def test_idle_http2_upstream_connections_close_after_the_cluster_idle_timeout() -> None:
+    from tests.helpers.h2server import H2Server
+
+    async with H2Server() as up, \
+            serve(snapshot([route()], [cluster("c", up.port, http2=True, idle_timeout=0.2)])) as px:
+        assert (await one_request(px.port, GET)).status == 200
+        assert up.connections == 1
+        await up.wait_for(lambda: not [c for c in up.conns if c.transport is not None], timeout=5)
+        assert (await one_request(px.port, GET)).status == 200  # a new connection when needed
+        assert up.connections == 2
