@@ -21,18 +21,20 @@ queueing GOAWAY (the caller writes it and closes); a stream error queues
 RST_STREAM and tells the handler the stream is gone. Frames for streams
 that are already closed are stream errors (STREAM_CLOSED) or ignored, as
 section 5.1 allows, and their DATA still counts against, and is handed back
-to, the connection window. The pieces both sides share are in ``h2frames``;
-the upstream (client) side is ``h2wire_client``.
+to, the connection window. The connection core both sides share (the frame
+loop, flow control, SETTINGS, PING, WINDOW_UPDATE, HEADERS/CONTINUATION
+assembly) is ``h2endpoint.H2Endpoint``, the frame pieces are in
+``h2frames``; the upstream (client) side is ``h2wire_client``.
 """
 
 from __future__ import annotations
 
-from typing import NoReturn, Protocol
+from typing import Protocol
 
-from hpack import Decoder, Encoder, HPACKError
+from hpack import Encoder, HPACKError
 
+from proxy.h2endpoint import SELF_DEP, H2Endpoint, H2Stream
 from proxy.h2frames import (
-    ACK,
     CANCEL,
     COMPRESSION_ERROR,
     CONTINUATION,
@@ -43,39 +45,24 @@ from proxy.h2frames import (
     ENHANCE_YOUR_CALM,
     FLOW_CONTROL_ERROR,
     FRAME_SIZE_ERROR,
-    GOAWAY,
     HEADERS,
     INTERNAL_ERROR,
-    MAX_FRAME,
-    MAX_WINDOW,
     NO_ERROR,
-    PING,
-    PREFACE,
-    PRIORITY,
-    PRIORITY_FLAG,
     PROTOCOL_ERROR,
-    PUSH_PROMISE,
     REFUSED_STREAM,
-    RST_STREAM,
     S_ENABLE_PUSH,
     S_HEADER_TABLE_SIZE,
     S_INITIAL_WINDOW_SIZE,
     S_MAX_CONCURRENT_STREAMS,
-    S_MAX_FRAME_SIZE,
-    SETTINGS,
     STREAM_CLOSED,
-    WINDOW_UPDATE,
     H2ConnectionError,
     Table,
     frame,
     goaway_frame,
     rst_frame,
-    unpad,
+    settings_frame,
     window_frame,
 )
-from proxy.h2frames import GOAWAY_BODY as _GOAWAY
-from proxy.h2frames import HDR as _HDR
-from proxy.h2frames import SETTING as _SETTING
 from proxy.h2frames import U32 as _U32
 from proxy.h2frames import pack_hdr as _pack_hdr
 
@@ -85,7 +72,6 @@ __all__ = [  # the names h2conn and the tests use from here
     "goaway_frame", "rst_frame", "window_frame",
 ]
 _CACHE_MAX = 64
-_SELF_DEP = 0x100  # internal: a HEADERS frame whose priority names its own stream
 
 
 class Handler(Protocol):
@@ -98,71 +84,31 @@ class Handler(Protocol):
     def on_goaway(self, last_sid: int, code: int) -> None: ...
 
 
-class Stream:
-    __slots__ = ("local_closed", "recv_unacked", "recv_window", "remote_closed", "send_window")
-
-    def __init__(self, send_window: int, recv_window: int) -> None:
-        self.send_window = send_window
-        self.recv_window = recv_window
-        self.recv_unacked = 0
-        self.remote_closed = False
-        self.local_closed = False
-
-
-class ServerH2:
-    __slots__ = (
-        "_buf", "_cont", "_dec_cache", "_enc_cache", "_out", "_preface", "_settings_seen", "dead", "decoder",
-        "encoder", "handler", "last_sid", "max_concurrent", "max_frame", "peer_initial_window", "recv_initial",
-        "recv_unacked", "recv_window", "recv_window_max", "send_window", "settings_acked", "stream_window",
-        "streams",
-    )
+class ServerH2(H2Endpoint):
+    __slots__ = ("_enc_cache", "encoder", "last_sid", "max_concurrent")
+    PREFACE_ERROR = "the client preface must start with SETTINGS"
+    PUSH_PROMISE_ERROR = "PUSH_PROMISE from a client"
+    HEADERS_SIDS = 1  # the client opens odd streams
+    HEADERS_SID_ERROR = "HEADERS on stream 0 or an even stream"
+    handler: Handler
 
     def __init__(self, handler: Handler, max_concurrent: int, stream_window: int, conn_window: int,
                  max_header_list_size: int) -> None:
-        self.handler = handler
+        # a new stream's receive window: the larger one until the client acknowledges our SETTINGS
+        super().__init__(handler, stream_window, conn_window, max(stream_window, DEFAULT_WINDOW),
+                         max_header_list_size, expect_magic=True)
         self.max_concurrent = max_concurrent
-        self.stream_window = stream_window  # SETTINGS_INITIAL_WINDOW_SIZE we advertise
-        self.recv_initial = max(stream_window, DEFAULT_WINDOW)  # until the client acknowledges our SETTINGS
-        self.settings_acked = False
-        self.recv_window_max = max(conn_window, DEFAULT_WINDOW)
-        self.recv_window = DEFAULT_WINDOW
-        self.recv_unacked = 0
-        self.send_window = DEFAULT_WINDOW
-        self.peer_initial_window = DEFAULT_WINDOW
-        self.max_frame = MAX_FRAME  # the client's SETTINGS_MAX_FRAME_SIZE: our outbound frame limit
-        self.streams: dict[int, Stream] = {}
         self.last_sid = 0
-        self.dead = False
-        self.decoder = Decoder(max_header_list_size)
-        self.decoder.header_table = Table()
         self.encoder = Encoder()
         self.encoder.header_table = Table()
-        self._dec_cache: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
         self._enc_cache: dict[tuple[tuple[bytes, bytes], ...], tuple[int, bytes]] = {}
-        self._buf = b""
-        self._preface = False
-        self._settings_seen = False
-        self._cont: tuple[int, int, list[bytes], int] | None = None  # sid, flags, fragments, size
-        self._out: list[bytes | memoryview] = []
 
     # ------------------------------------------------------------------ output
     def initiate(self) -> None:
-        settings = b"".join(_SETTING.pack(k, v) for k, v in (
+        self._out.append(settings_frame((
             (S_ENABLE_PUSH, 0), (S_MAX_CONCURRENT_STREAMS, self.max_concurrent),
-            (S_INITIAL_WINDOW_SIZE, self.stream_window)))
-        self._out.append(frame(SETTINGS, 0, 0, settings))
-        extra = self.recv_window_max - DEFAULT_WINDOW
-        if extra > 0:
-            self.recv_window += extra
-            self._out.append(window_frame(0, extra))
-
-    def data_to_send(self) -> bytes:
-        out = self._out
-        if not out:
-            return b""
-        data = b"".join(out)
-        out.clear()
-        return data
+            (S_INITIAL_WINDOW_SIZE, self.stream_window))))
+        self._open_window()
 
     def encode(self, headers: list[tuple[bytes, bytes]]) -> bytes:
         enc = self.encoder
@@ -201,18 +147,6 @@ class ServerH2:
         if end_stream:
             self._local_end(sid, st)
 
-    def send_data(self, sid: int, data: bytes | memoryview, end_stream: bool = False) -> None:
-        """``data`` must fit the windows and the frame size (``local_flow_control_window``, ``max_frame``)."""
-        st = self.streams.get(sid)
-        if st is None or st.local_closed:
-            return
-        n = len(data)
-        self.send_window -= n
-        st.send_window -= n
-        self._out += (_pack_hdr(n >> 8, n & 0xFF, DATA, END_STREAM if end_stream else 0, sid), data)
-        if end_stream:
-            self._local_end(sid, st)
-
     def end_stream(self, sid: int) -> None:
         st = self.streams.get(sid)
         if st is None or st.local_closed:
@@ -220,213 +154,61 @@ class ServerH2:
         self._out.append(_pack_hdr(0, 0, DATA, END_STREAM, sid))
         self._local_end(sid, st)
 
-    def _local_end(self, sid: int, st: Stream) -> None:
-        if st.remote_closed:
-            del self.streams[sid]  # both sides ended it: closed
-        else:
-            st.local_closed = True
+    local_flow_control_window = H2Endpoint.window
 
     def reset_stream(self, sid: int, code: int) -> None:
         if self.streams.pop(sid, None) is not None:
             self._out.append(rst_frame(sid, code))
 
-    def local_flow_control_window(self, sid: int) -> int:
-        st = self.streams.get(sid)
-        if st is None:
-            return 0
-        w = st.send_window
-        return w if w < self.send_window else self.send_window
-
-    def acknowledge_received_data(self, n: int, sid: int) -> None:
-        """Hand ``n`` flow-controlled bytes back: WINDOW_UPDATEs once half a window is owed (batched)."""
-        if not n or self.dead:
-            return
-        self.recv_unacked += n
-        if self.recv_unacked * 2 >= self.recv_window_max or self.recv_window <= 0:
-            self._out.append(window_frame(0, self.recv_unacked))
-            self.recv_window += self.recv_unacked
-            self.recv_unacked = 0
-        st = self.streams.get(sid)
-        if st is not None and not st.remote_closed:
-            st.recv_unacked += n
-            if st.recv_unacked * 2 >= self.recv_initial or st.recv_window <= 0:
-                self._out.append(window_frame(sid, st.recv_unacked))
-                st.recv_window += st.recv_unacked
-                st.recv_unacked = 0
-
     def close_connection(self, code: int, last_sid: int | None = None) -> None:
         self._out.append(goaway_frame(self.last_sid if last_sid is None else last_sid, code))
         self.dead = True
 
-    # ------------------------------------------------------------------ input
-    def receive_data(self, data: bytes) -> None:
-        """Parse and dispatch every complete frame. Raises H2ConnectionError (GOAWAY queued)."""
-        if self.dead:
-            return
-        buf = self._buf + data if self._buf else data
-        pos = 0
-        if not self._preface:
-            if len(buf) < 24:
-                self._buf = buf
-                return
-            if buf[:24] != PREFACE:
-                self._fail(PROTOCOL_ERROR, "invalid connection preface")
-            self._preface = True
-            pos = 24
-        end = len(buf)
-        unpack = _HDR.unpack_from
-        try:
-            while end - pos >= 9:
-                hi, lo, ftype, flags, sid = unpack(buf, pos)
-                length = (hi << 8) | lo
-                if length > MAX_FRAME:
-                    self._fail(FRAME_SIZE_ERROR, "frame larger than SETTINGS_MAX_FRAME_SIZE")
-                if end - pos - 9 < length:
-                    break
-                sid &= 0x7FFFFFFF
-                payload = buf[pos + 9:pos + 9 + length]
-                pos += 9 + length
-                self._frame(ftype, flags, sid, payload)
-                if self.dead:
-                    return
-        finally:
-            self._buf = buf[pos:] if pos < end else b""
-
-    def _fail(self, code: int, msg: str) -> NoReturn:
-        self.close_connection(code)
-        raise H2ConnectionError(code, msg)
-
-    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
-        if not self._settings_seen:
-            if ftype != SETTINGS or flags & ACK:
-                self._fail(PROTOCOL_ERROR, "the client preface must start with SETTINGS")
-            self._settings_seen = True
-        if self._cont is not None:
-            if ftype != CONTINUATION or sid != self._cont[0]:
-                self._fail(PROTOCOL_ERROR, "expected CONTINUATION")
-            self._continuation(flags, payload)
-        elif ftype == DATA:
-            self._data(flags, sid, payload)
-        elif ftype == HEADERS:
-            self._headers(flags, sid, payload)
-        elif ftype == WINDOW_UPDATE:
-            self._window_update(sid, payload)
-        elif ftype == SETTINGS:
-            self._settings(flags, sid, payload)
-        elif ftype == RST_STREAM:
-            self._rst(sid, payload)
-        elif ftype == PING:
-            if sid:
-                self._fail(PROTOCOL_ERROR, "PING on a stream")
-            if len(payload) != 8:
-                self._fail(FRAME_SIZE_ERROR, "PING of the wrong size")
-            if not flags & ACK:
-                self._out.append(frame(PING, ACK, 0, payload))
-        elif ftype == PRIORITY:
-            if not sid:
-                self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
-            if len(payload) != 5:
-                self._stream_error(sid, FRAME_SIZE_ERROR)
-            elif _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
-                self._stream_error(sid, PROTOCOL_ERROR)
-        elif ftype == GOAWAY:
-            if sid:
-                self._fail(PROTOCOL_ERROR, "GOAWAY on a stream")
-            if len(payload) < 8:
-                self._fail(FRAME_SIZE_ERROR, "GOAWAY too short")
-            last, code = _GOAWAY.unpack_from(payload)
-            self.handler.on_goaway(last & 0x7FFFFFFF, code)
-        elif ftype == PUSH_PROMISE:
-            self._fail(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        elif ftype == CONTINUATION:
-            self._fail(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
-        # other types: ignored (RFC 9113 section 4.1)
-
+    # ------------------------------------------------------------------ the server's part of the input
     def _stream_error(self, sid: int, code: int) -> None:
         self._out.append(rst_frame(sid, code))
         if self.streams.pop(sid, None) is not None:
             self.handler.on_reset(sid, False)
 
-    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+    def _idle(self, sid: int, what: str) -> None:
+        if sid > self.last_sid:
+            self._fail(PROTOCOL_ERROR, f"{what} on an idle stream")
+
+    def _unknown_stream_data(self, sid: int) -> None:
+        self._idle(sid, "DATA")
+        self._stream_error(sid, STREAM_CLOSED)
+
+    def _peer_reset(self, sid: int, code: int) -> None:
+        self.streams.pop(sid, None)
+        self.handler.on_reset(sid, True)
+
+    def _priority(self, sid: int, payload: bytes) -> None:
         if not sid:
-            self._fail(PROTOCOL_ERROR, "DATA on stream 0")
-        n = len(payload)
-        self.recv_window -= n
-        if self.recv_window < 0:
-            self._fail(FLOW_CONTROL_ERROR, "connection window exceeded")
-        st = self.streams.get(sid)
-        if st is None or st.remote_closed:
-            if st is None and sid > self.last_sid:
-                self._fail(PROTOCOL_ERROR, "DATA on an idle stream")
-            self._stream_error(sid, STREAM_CLOSED)
-            self.acknowledge_received_data(n, sid)  # nobody reads it: the connection window comes back now
-            return
-        data = unpad(flags, payload)
-        if data is None:
-            self._fail(PROTOCOL_ERROR, "invalid padding")
-        st.recv_window -= n
-        if st.recv_window < 0:
-            self._stream_error(sid, FLOW_CONTROL_ERROR)
-            self.acknowledge_received_data(n, sid)
-            return
-        self.handler.on_data(sid, data, n)
-        if flags & END_STREAM:
-            self._remote_end(sid, st)
+            self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            self._stream_error(sid, FRAME_SIZE_ERROR)
+        elif _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
+            self._stream_error(sid, PROTOCOL_ERROR)
 
-    def _headers(self, flags: int, sid: int, payload: bytes) -> None:
-        if not sid or not sid & 1:
-            self._fail(PROTOCOL_ERROR, "HEADERS on stream 0 or an even stream")
-        block = unpad(flags, payload)
-        if block is None:
-            self._fail(PROTOCOL_ERROR, "invalid padding")
-        if flags & PRIORITY_FLAG:
-            if len(block) < 5:
-                self._fail(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
-            if _U32.unpack_from(block)[0] & 0x7FFFFFFF == sid:
-                flags |= _SELF_DEP
-            block = block[5:]
-        if flags & END_HEADERS:
-            self._header_block(sid, flags, block)
-        else:
-            self._cont = (sid, flags, [block], len(block))
+    def _goaway(self, last_sid: int, code: int) -> None:
+        self.handler.on_goaway(last_sid, code)
 
-    def _continuation(self, flags: int, payload: bytes) -> None:
-        assert self._cont is not None
-        sid, hflags, parts, size = self._cont
-        parts.append(payload)
-        size += len(payload)
-        if size > 4 * self.decoder.max_header_list_size:
-            self._fail(ENHANCE_YOUR_CALM, "header block too large")
-        if flags & END_HEADERS:
-            self._cont = None
-            self._header_block(sid, hflags, b"".join(parts))
-        else:
-            self._cont = (sid, hflags, parts, size)
+    def _setting(self, key: int, value: int) -> None:
+        if key == S_HEADER_TABLE_SIZE:
+            self.encoder.header_table_size = min(value, 4096)  # we may use less than offered: bounded memory
+        elif key == S_ENABLE_PUSH and value > 1:
+            self._fail(PROTOCOL_ERROR, "invalid SETTINGS_ENABLE_PUSH")
 
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        dec = self.decoder
-        table = dec.header_table
-        gen = table.gen  # type: ignore[attr-defined]
-        cache = self._dec_cache
-        hit = cache.get(block)
-        if hit is not None and hit[0] == gen:
-            return list(hit[1])
-        try:
-            headers: list[tuple[bytes, bytes]] = [(n, v) for n, v in dec.decode(block, raw=True)]  # type: ignore[misc]
-        except HPACKError as e:
-            self._fail(COMPRESSION_ERROR, f"header block: {e}")
-            raise  # not reached
-        if table.gen == gen:  # type: ignore[attr-defined]
-            if len(cache) >= _CACHE_MAX:
-                cache.clear()
-            cache[block] = (gen, headers)
-            return list(headers)
-        return headers
+    def _settings_done(self, max_concurrent: int | None, window_changed: bool) -> None:
+        self.handler.on_settings(window_changed)
 
     def _header_block(self, sid: int, flags: int, block: bytes) -> None:
-        headers = self._decode(block)  # always: the HPACK state must follow every block
+        try:
+            headers = self.decoder.decode(block)  # always: the HPACK state must follow every block
+        except HPACKError as e:
+            self._fail(COMPRESSION_ERROR, f"header block: {e}")
         ended = bool(flags & END_STREAM)
-        if flags & _SELF_DEP:  # a stream depending on itself: a stream error (RFC 9113 section 5.3.1)
+        if flags & SELF_DEP:  # a stream depending on itself: a stream error (RFC 9113 section 5.3.1)
             self.last_sid = max(self.last_sid, sid)
             self._stream_error(sid, PROTOCOL_ERROR)
             return
@@ -446,88 +228,9 @@ class ServerH2:
         if len(self.streams) >= self.max_concurrent:
             self._out.append(rst_frame(sid, REFUSED_STREAM))
             return
-        st = self.streams[sid] = Stream(self.peer_initial_window, self.recv_initial)
+        st = self.streams[sid] = H2Stream(self.peer_initial_window, self.recv_initial, True)
         if ended:
             st.remote_closed = True
         self.handler.on_request(sid, headers, ended)
         if ended:
             self.handler.on_end(sid)
-
-    def _remote_end(self, sid: int, st: Stream) -> None:
-        st.remote_closed = True
-        if st.local_closed:
-            del self.streams[sid]
-        self.handler.on_end(sid)
-
-    def _window_update(self, sid: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            self._fail(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
-        inc = _U32.unpack(payload)[0] & 0x7FFFFFFF
-        if not sid:
-            if not inc:
-                self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
-            self.send_window += inc
-            if self.send_window > MAX_WINDOW:
-                self._fail(FLOW_CONTROL_ERROR, "connection window overflow")
-        else:
-            st = self.streams.get(sid)
-            if st is None:
-                if sid > self.last_sid:
-                    self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
-                return  # a closed stream: ignored
-            if not inc:
-                self._stream_error(sid, PROTOCOL_ERROR)
-                return
-            st.send_window += inc
-            if st.send_window > MAX_WINDOW:
-                self._stream_error(sid, FLOW_CONTROL_ERROR)
-                return
-        self.handler.on_window(sid)
-
-    def _settings(self, flags: int, sid: int, payload: bytes) -> None:
-        if sid:
-            self._fail(PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & ACK:
-            if payload:
-                self._fail(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
-            if not self.settings_acked:
-                self.settings_acked = True
-                self.recv_initial = self.stream_window  # new streams get the advertised window
-            return
-        if len(payload) % 6:
-            self._fail(FRAME_SIZE_ERROR, "SETTINGS of a wrong length")
-        window_changed = False
-        for pos in range(0, len(payload), 6):
-            key, value = _SETTING.unpack_from(payload, pos)
-            if key == S_HEADER_TABLE_SIZE:
-                self.encoder.header_table_size = min(value, 4096)  # we may use less than offered: bounded memory
-            elif key == S_ENABLE_PUSH:
-                if value > 1:
-                    self._fail(PROTOCOL_ERROR, "invalid SETTINGS_ENABLE_PUSH")
-            elif key == S_INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    self._fail(FLOW_CONTROL_ERROR, "invalid SETTINGS_INITIAL_WINDOW_SIZE")
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                if delta:
-                    window_changed = True
-                    for st in self.streams.values():
-                        st.send_window += delta
-                        if st.send_window > MAX_WINDOW:
-                            self._fail(FLOW_CONTROL_ERROR, "stream window overflow")
-            elif key == S_MAX_FRAME_SIZE:
-                if not MAX_FRAME <= value <= (1 << 24) - 1:
-                    self._fail(PROTOCOL_ERROR, "invalid SETTINGS_MAX_FRAME_SIZE")
-                self.max_frame = value
-        self._out.append(frame(SETTINGS, ACK, 0))
-        self.handler.on_settings(window_changed)
-
-    def _rst(self, sid: int, payload: bytes) -> None:
-        if not sid:
-            self._fail(PROTOCOL_ERROR, "RST_STREAM on stream 0")
-        if len(payload) != 4:
-            self._fail(FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
-        if sid > self.last_sid:
-            self._fail(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-        self.streams.pop(sid, None)
-        self.handler.on_reset(sid, True)
