@@ -1,6 +1,6 @@
 """What tracing costs: requests/s with tracing off, at 1% and at 100% sampling, Pillion and Envoy.
 
-    python -m benchmarks.tracing [--quick] [--out benchmarks/results] [--targets pillion,envoy]
+    python -m benchmarks.tracing [--quick] [--rounds N] [--out benchmarks/results] [--targets pillion,envoy]
 
 Each proxy is started three times on the macro benchmark's config (one sidecar, one
 HTTP egress port, the same upstream app): without tracing, then with MeshConfig
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--targets", default="pillion,envoy")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every mode this many times, interleaved, and report the median (runs drift)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = Plan.make(args.quick)
@@ -125,25 +127,34 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {pinning.load_core})
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="pillion-tracing-") as tmp:
         upstreams = start_upstreams(pinning, logs)
         collector, collector_port, status_port = start_collector(pinning, logs)
         try:
-            for proxy in [t.strip() for t in args.targets.split(",") if t.strip()]:
+            runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            for rnd in range(args.rounds):
+                for proxy in [t.strip() for t in args.targets.split(",") if t.strip()]:
+                    for mode in MODES:
+                        ports = BenchPorts(free_port(), free_port(), upstreams.http_port, upstreams.tcp_port)
+                        before = spans_received(status_port)
+                        workdir = Path(tmp) / f"{proxy}-{mode.strip('%')}-{rnd}"
+                        try:
+                            wrk = run_one(proxy, mode, plan, pinning, workdir, logs, args.out, ports,
+                                          collector_port)
+                        except (StartError, ScenarioError, OSError) as exc:
+                            say(f"{proxy} tracing {mode}: {exc}")
+                            wrk = {"error": str(exc).splitlines()[0]}
+                        else:
+                            wrk["spans_exported"] = spans_received(status_port) - before
+                        runs.setdefault(proxy, {}).setdefault(mode, []).append(wrk)
+            for proxy, per_mode in runs.items():
                 results[proxy] = {}
-                for mode in MODES:
-                    ports = BenchPorts(free_port(), free_port(), upstreams.http_port, upstreams.tcp_port)
-                    before = spans_received(status_port)
-                    workdir = Path(tmp) / f"{proxy}-{mode.strip('%')}"
-                    try:
-                        wrk = run_one(proxy, mode, plan, pinning, workdir, logs, args.out, ports, collector_port)
-                    except (StartError, ScenarioError, OSError) as exc:
-                        results[proxy][mode] = {"error": str(exc).splitlines()[0]}
-                        say(f"{proxy} tracing {mode}: {exc}")
-                        continue
-                    wrk["spans_exported"] = spans_received(status_port) - before
-                    results[proxy][mode] = wrk
+                for mode, got in per_mode.items():
+                    ok = sorted((r for r in got if "requests_per_s" in r), key=lambda r: r["requests_per_s"])
+                    results[proxy][mode] = ({**ok[len(ok) // 2], "rounds": [r["requests_per_s"] for r in got
+                                                                             if "requests_per_s" in r]}
+                                            if ok else got[-1])
         finally:
             collector.stop()
             upstreams.stop()

@@ -52,9 +52,9 @@ def to_span(rec: Sequence[Any]) -> trace_pb2.Span:
     h = host.decode("latin-1")
     p = path.decode("latin-1")
     url_path = p.split("?", 1)[0]
-    attrs = [
-        _kv("http.request.method", m),
+    attrs = [  # url.path first: the rest is the same for most spans (encode_span encodes it once)
         _kv("url.path", url_path),
+        _kv("http.request.method", m),
         _kv("server.address", h),
         _kv("http.response.status_code", status),
         _kv("network.peer.address", peer_addr.decode("latin-1") if isinstance(peer_addr, bytes) else peer_addr),
@@ -134,18 +134,17 @@ _STATUS_ERROR = _ld(b"\x7a", b"\x18\x02")  # Span.status = 15 {code = 3: ERROR}
 _STATUS_UNSET = _ld(b"\x7a", b"")
 _KIND = {True: b"\x30\x02", False: b"\x30\x03"}  # Span.kind = 6: SERVER 2, CLIENT 3
 _SCOPE = _ld(b"\x0a", _ld(b"\x0a", b"pillion"))  # ScopeSpans.scope = 1 {name = 1}
-_constant_attrs: dict[tuple[Any, str, str], bytes] = {}
-_RETRY_COUNT_0 = _wire_kv("retry_count", 0)
+_constant_attrs: dict[tuple[str, str, str], bytes] = {}
 
 
-def _constants(settings: Any, workload: str, namespace: str) -> bytes:
-    key = (settings, workload, namespace)
+def _constants(service_name: str, workload: str, namespace: str) -> bytes:
+    key = (service_name, workload, namespace)
     found = _constant_attrs.get(key)
     if found is None:
         if len(_constant_attrs) > 64:
             _constant_attrs.clear()
         found = _constant_attrs[key] = (
-            _wire_kv("istio.canonical_service", settings.service_name.split(".", 1)[0])
+            _wire_kv("istio.canonical_service", service_name.split(".", 1)[0])
             + _wire_kv("istio.namespace", namespace) + _wire_kv("istio.workload", workload))
     return found
 
@@ -164,11 +163,38 @@ def _attr(key: str, value: str | int) -> bytes:
     return found
 
 
+_shape_cache: dict[tuple[Any, ...], bytes] = {}
+
+
+def _shape(rec: Sequence[Any]) -> bytes:
+    """The attributes after url.path, encoded once per distinct combination (most spans share one)."""
+    (settings, _t, _s, _p, _st, _en, method, host, _path, status, flags,
+     cluster, peer_addr, spiffe, workload, namespace, retries) = rec
+    key = (method, host, status, peer_addr, settings.service_name, workload, namespace, cluster, flags, retries,
+           spiffe)
+    found = _shape_cache.get(key)
+    if found is None:
+        if len(_shape_cache) >= 4096:
+            _shape_cache.clear()
+        found = b"".join((
+            _wire_kv("http.request.method", method.decode("latin-1")),
+            _wire_kv("server.address", host.decode("latin-1")),
+            _wire_kv("http.response.status_code", status),
+            _wire_kv("network.peer.address", peer_addr.decode("latin-1") if isinstance(peer_addr, bytes)
+                     else peer_addr),
+            _constants(settings.service_name, workload, namespace),
+            _wire_kv("upstream_cluster", cluster),
+            _wire_kv("response_flags", flags or "-"),
+            _wire_kv("retry_count", retries),
+            _wire_kv("peer.spiffe_id", spiffe) if spiffe else b"",
+        ))
+        _shape_cache[key] = found
+    return found
+
+
 def encode_span(rec: Sequence[Any]) -> bytes:
     """One queued record as the wire bytes of an OTLP Span (the fields ``to_span`` sets, same order)."""
-    (settings, trace_id, span_id, parent_id, start_ns, end_ns, method, host, path, status, flags,
-     cluster, peer_addr, spiffe, workload, namespace, retries) = rec
-    h = host.decode("latin-1")
+    settings, trace_id, span_id, parent_id, start_ns, end_ns, _m, host, path, status = rec[:10]
     url_path = path.decode("latin-1").split("?", 1)[0]
     parts = [
         b"\x0a\x10", unhexlify(trace_id),  # trace_id = 1 (16 bytes)
@@ -177,23 +203,14 @@ def encode_span(rec: Sequence[Any]) -> bytes:
     if parent_id:
         parts += (b"\x22\x08", unhexlify(parent_id))  # parent_span_id = 4
     parts += (
-        _ld(b"\x2a", (h + url_path).encode()),  # name = 5
+        _ld(b"\x2a", (host.decode("latin-1") + url_path).encode()),  # name = 5 (a proto string: UTF-8)
         _KIND[bool(settings.server)],
         b"\x39", start_ns.to_bytes(8, "little"),  # start_time_unix_nano = 7 (fixed64)
         b"\x41", end_ns.to_bytes(8, "little"),  # end_time_unix_nano = 8 (fixed64)
-        _attr("http.request.method", method.decode("latin-1")),
         _attr("url.path", url_path),
-        _attr("server.address", h),
-        _attr("http.response.status_code", status),
-        _attr("network.peer.address", peer_addr.decode("latin-1") if isinstance(peer_addr, bytes) else peer_addr),
-        _constants(settings, workload, namespace),
-        _attr("upstream_cluster", cluster),
-        _attr("response_flags", flags or "-"),
-        _RETRY_COUNT_0 if not retries else _attr("retry_count", retries),
+        _shape(rec),
+        _STATUS_ERROR if status >= 500 or status == 0 else _STATUS_UNSET,
     )
-    if spiffe:
-        parts.append(_attr("peer.spiffe_id", spiffe))
-    parts.append(_STATUS_ERROR if status >= 500 or status == 0 else _STATUS_UNSET)
     return b"".join(parts)
 
 

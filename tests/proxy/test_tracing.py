@@ -133,6 +133,8 @@ def test_the_wire_encoding_is_the_same_message_as_the_proto_classes_build() -> N
                   "outbound|9080||ratings", "10.0.0.2", "", "productpage-v1", "default", 0))  # no parent, no peer id
     batch.append((SETTINGS, TRACE, b"0000000000000100", SPAN, 7, 8, b"GET", b"h", b"/x", 0, "DC",
                   "c", b"::1", "", "w", "ns", 2))  # status 0 (client gone): an error span
+    batch.append((SETTINGS, TRACE, b"0000000000000101", SPAN, 7, 8, b"GET", b"h\xe9", b"/caf\xe9?q", 200, "",
+                  "c", b"::1", "", "w", "ns", 0))  # bytes beyond ASCII: proto strings stay valid UTF-8
     wire = encode_request(batch)
     assert trace_service_pb2.ExportTraceServiceRequest.FromString(wire) == to_request(batch)
 
