@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.config import BenchPorts, write_config_dir
-from benchmarks.envoy_config import build_bootstrap
+from benchmarks.envoy_config import BootstrapUnavailable, build_bootstrap
 from benchmarks.macro import Plan, ScenarioError, run_wrk, say
 from benchmarks.procs import Child, Pinning, StartError, free_port
 from benchmarks.targets import (
@@ -136,13 +136,17 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 for proxy in [t.strip() for t in args.targets.split(",") if t.strip()]:
                     for mode in MODES:
-                        ports = BenchPorts(free_port(), free_port(), upstreams.http_port, upstreams.tcp_port)
+                        http_port = free_port()
+                        tcp_port = free_port()
+                        while tcp_port == http_port:  # free_port can hand out the same port twice
+                            tcp_port = free_port()
+                        ports = BenchPorts(http_port, tcp_port, upstreams.http_port, upstreams.tcp_port)
                         before = spans_received(status_port)
                         workdir = Path(tmp) / f"{proxy}-{mode.strip('%')}-{rnd}"
                         try:
                             wrk = run_one(proxy, mode, plan, pinning, workdir, logs, args.out, ports,
                                           collector_port)
-                        except (StartError, ScenarioError, OSError) as exc:
+                        except (StartError, ScenarioError, BootstrapUnavailable, OSError) as exc:
                             say(f"{proxy} tracing {mode}: {exc}")
                             wrk = {"error": str(exc).splitlines()[0]}
                         else:
