@@ -364,7 +364,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             head = [
                 b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")),
-                b"content-length: %d\r\n" % len(body if st is None or st.method != b"HEAD" else err.body),
+                b"content-length: %d\r\n" % len(err.body),  # a HEAD reply says the length it leaves out
             ]
             if err.body:
                 head.append(b"content-type: text/plain\r\n")

@@ -26,6 +26,7 @@ from proxy.cluster import ClusterRuntime
 from proxy.context import Context
 from proxy.model import Endpoint, Listener
 from proxy.policy import authorize_connection
+from proxy.router import pick_weighted
 
 if TYPE_CHECKING:
     from proxy.authz import RbacFilter
@@ -103,14 +104,8 @@ class TcpDownstream(asyncio.Protocol):
             ctx.stats.count_local_reply("RBAC")
             transport.abort()
             return
-        name = tcp.cluster
-        if tcp.weighted:  # [traffic] weighted TCP routes: one pick per connection
-            point = ctx.random() * tcp.total_weight
-            for wc in tcp.weighted:
-                point -= wc.weight
-                if point < 0:
-                    name = wc.name
-                    break
+        # [traffic] weighted TCP routes: one pick per connection
+        name = pick_weighted(tcp.weighted, tcp.total_weight, ctx.random()) if tcp.weighted else tcp.cluster
         rt = ctx.clusters.get(name)
         if rt is None:
             ep = None

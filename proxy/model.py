@@ -97,14 +97,9 @@ class HashPolicy:
 
 # ---- [traffic] route extras: RouteMatch.query_parameters, header mutation, rewrite, redirect,
 # direct response, mirror, fault (envoy.filters.http.fault per route), retry policy.
-@dataclass(frozen=True, slots=True)
-class QueryMatch:
-    """RouteMatch.query_parameters[]: ``name`` must be present and its value match (PRESENT: any)."""
-
-    name: bytes
-    kind: StringKind
-    value: bytes = b""
-    regex: re.Pattern[bytes] | None = None
+# RouteMatch.query_parameters[]: the same string match, on a query parameter's value (``name`` is
+# the parameter; absent fails, PRESENT accepts any value).
+QueryMatch = HeaderMatch
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,14 +18,13 @@ client sent, so they cannot be forged by sending them without a token.
 from __future__ import annotations
 
 import asyncio
-import functools
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 from proxy.authz import Attrs, HttpPolicy, RbacFilter, Verdict, evaluate
 from proxy.errors import JwtAuthError, PolicyDeniedError
 from proxy.jwt import JwtFailure, authenticate
+from proxy.route_edit import rewrite_head
 from proxy.tls import peer_of
 
 if TYPE_CHECKING:
@@ -132,20 +131,3 @@ def authorize_connection(ctx: Context, rbac: tuple[RbacFilter, ...], transport: 
     verdict = evaluate(rbac, attrs)
     _count(ctx, verdict)
     return verdict.allowed
-
-
-@functools.lru_cache(maxsize=64)
-def _header_lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
-    """The header lines (with their leading CRLF) of any of `names`, case-insensitively."""
-    alternatives = b"|".join(re.escape(name) for name in sorted(names))
-    return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r\n]*", re.IGNORECASE)
-
-
-def rewrite_head(head: bytes, remove: set[bytes], add: list[tuple[bytes, bytes]]) -> bytes:
-    """An HTTP/1.1 request head without the headers named in `remove` and with `add` appended."""
-    if remove:
-        head = _header_lines(frozenset(remove)).sub(b"", head)
-    if add:
-        extra = b"".join(b"\r\n" + name + b": " + value for name, value in add)
-        head = head[:-4] + extra + b"\r\n\r\n"
-    return head

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 
-from proxy.model import HeaderMutation, HeaderOp, Redirect, Rewrite, Route
+from proxy.model import HeaderMutation, Redirect, Rewrite, Route
 
 _HOST_LINE = re.compile(rb"\r\nhost[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=256)
-def _lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
+def _header_lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
+    """The header lines (with their leading CRLF) of any of `names`, case-insensitively."""
     alternatives = b"|".join(re.escape(n) for n in sorted(names))
     return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r\n]*", re.IGNORECASE)
+
+
+def rewrite_head(head: bytes, remove: Iterable[bytes], add: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """An HTTP/1.1 request head without the headers named in `remove` and with `add` appended."""
+    names = frozenset(remove)
+    if names:
+        head = _header_lines(names).sub(b"", head)
+    extra = b"".join(b"\r\n" + name + b": " + value for name, value in add)
+    return head[:-4] + extra + b"\r\n\r\n" if extra else head
 
 
 def new_path(route: Route, path: bytes, rewrite: Rewrite) -> bytes:
@@ -44,26 +55,14 @@ def edit_request_head(head: bytes, route: Route, path: bytes) -> bytes:
             version = rest.rsplit(b" ", 1)[1]
             head = b"%s %s %s%s" % (method, new_path(route, path, rw), version, head[line_end:])
         if rw.host is not None:
-            head = _set_headers(head, ((b"host", rw.host),))
+            head = rewrite_head(head, (b"host",), ((b"host", rw.host),))
     mut = route.mutation
     if mut is not None:
-        if mut.request_remove:
-            head = _lines(frozenset(mut.request_remove)).sub(b"", head)
-        if mut.request_add:
-            head = _add(head, mut.request_add)
+        ops = mut.request_add
+        # set (append False) replaces existing values, add (append True) keeps them
+        head = rewrite_head(head, (*mut.request_remove, *(op.name for op in ops if not op.append)),
+                            ((op.name, op.value) for op in ops))
     return head
-
-
-def _set_headers(head: bytes, pairs: tuple[tuple[bytes, bytes], ...]) -> bytes:
-    head = _lines(frozenset(name for name, _ in pairs)).sub(b"", head)
-    return head[:-4] + b"".join(b"\r\n" + n + b": " + v for n, v in pairs) + b"\r\n\r\n"
-
-
-def _add(head: bytes, ops: tuple[HeaderOp, ...]) -> bytes:
-    overwrite = frozenset(op.name for op in ops if not op.append)
-    if overwrite:
-        head = _lines(overwrite).sub(b"", head)
-    return head[:-4] + b"".join(b"\r\n" + op.name + b": " + op.value for op in ops) + b"\r\n\r\n"
 
 
 def edit_response_headers(headers: list[tuple[bytes, bytes]], mut: HeaderMutation) -> list[tuple[bytes, bytes]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from proxy.model import PathKind, QueryMatch, Route, RouteTable, StringKind, VirtualHost
+from proxy.model import PathKind, QueryMatch, Route, RouteTable, VirtualHost, WeightedCluster
 
 
 def find_virtual_host(table: RouteTable, host: bytes) -> VirtualHost | None:
@@ -88,38 +88,22 @@ def _query_matches(conditions: tuple[QueryMatch, ...], path: bytes) -> bool:
         for pair in path[q + 1:].split(b"&"):
             name, _, value = pair.partition(b"=")
             params.setdefault(name, value)  # the first occurrence, as Envoy
-    for cond in conditions:
-        got = params.get(cond.name)
-        if got is None:
-            return False
-        value = got
-        kind = cond.kind
-        if kind is StringKind.EXACT:
-            ok = value == cond.value
-        elif kind is StringKind.PREFIX:
-            ok = value.startswith(cond.value)
-        elif kind is StringKind.SUFFIX:
-            ok = value.endswith(cond.value)
-        elif kind is StringKind.CONTAINS:
-            ok = cond.value in value
-        elif kind is StringKind.REGEX:
-            assert cond.regex is not None
-            ok = cond.regex.fullmatch(value) is not None
-        else:
-            ok = True
-        if not ok:
-            return False
-    return True
+    return all(cond.matches(params.get(cond.name)) for cond in conditions)
+
+
+def pick_weighted(weighted: tuple[WeightedCluster, ...], total: int, rand: float) -> str:
+    """One of ``weighted`` in proportion to its weight; ``rand`` is uniform in [0, 1)."""
+    point = rand * total
+    acc = 0
+    for wc in weighted:
+        acc += wc.weight
+        if point < acc:
+            return wc.name
+    return weighted[-1].name
 
 
 def pick_cluster(route: Route, rand: float) -> str:
     """The cluster for one request; ``rand`` is uniform in [0, 1)."""
     if not route.weighted:
         return route.cluster
-    point = rand * route.total_weight
-    acc = 0
-    for wc in route.weighted:
-        acc += wc.weight
-        if point < acc:
-            return wc.name
-    return route.weighted[-1].name
+    return pick_weighted(route.weighted, route.total_weight, rand)
