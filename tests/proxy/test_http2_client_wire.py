@@ -8,14 +8,12 @@ blocks are checked against hpack's decoder.
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import pytest
 from hpack import Decoder, Encoder
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
-    Frame,
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
@@ -28,6 +26,8 @@ from hyperframe.frame import (
 from proxy import h2frames
 from proxy.h2frames import FieldEncoder, H2ConnectionError
 from proxy.h2wire_client import ClientH2
+from tests.helpers import rawh2
+from tests.helpers.rawh2 import data_frame, frames
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 REQ = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"svc:50051"), (b":path", b"/pkg.Svc/M"),
@@ -64,36 +64,18 @@ class Recorder:
         self.calls.append(("goaway", last_sid, code))
 
 
-def frames(data: bytes) -> list[Any]:
-    out = []
-    while data:
-        f, length = Frame.parse_frame_header(memoryview(data[:9]))
-        f.parse_body(memoryview(data[9:9 + length]))
-        out.append(f)
-        data = data[9 + length:]
-    return out
+
+
+
 
 
 def hdrs(sid: int, block: bytes, end_stream: bool = False, end_headers: bool = True, pad: int = 0) -> bytes:
-    f = HeadersFrame(sid, data=block)
-    if end_headers:
-        f.flags.add("END_HEADERS")
-    if end_stream:
-        f.flags.add("END_STREAM")
-    if pad:
-        f.flags.add("PADDED")
-        f.pad_length = pad
-    return f.serialize()
+    return rawh2.hdrs(sid, block, end_stream, end_headers, pad)
 
 
-def data_frame(sid: int, data: bytes, end: bool = False, pad: int = 0) -> bytes:
-    f = DataFrame(sid, data=data)
-    if end:
-        f.flags.add("END_STREAM")
-    if pad:
-        f.flags.add("PADDED")
-        f.pad_length = pad
-    return f.serialize()
+def goaway_code(h: ClientH2) -> int:
+    return rawh2.goaway_code(h.data_to_send())
+
 
 
 def client(settings: dict[int, int] | None = None, window: int = 1 << 20,
@@ -108,10 +90,6 @@ def client(settings: dict[int, int] | None = None, window: int = 1 << 20,
     return c, rec, Encoder()
 
 
-def goaway_code(c: ClientH2) -> int:
-    gs = [f for f in frames(c.data_to_send()) if isinstance(f, GoAwayFrame)]
-    assert len(gs) == 1
-    return gs[0].error_code
 
 
 def test_preface_settings_window_and_a_unary_call_with_trailers():

@@ -6,15 +6,11 @@ and what the codec writes is parsed back frame by frame.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from hpack import Decoder, Encoder
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
-    Frame,
-    GoAwayFrame,
     HeadersFrame,
     PingFrame,
     RstStreamFrame,
@@ -24,6 +20,8 @@ from hyperframe.frame import (
 
 from proxy import h2wire
 from proxy.h2wire import H2ConnectionError, ServerH2
+from tests.helpers import rawh2
+from tests.helpers.rawh2 import data_frame, frames
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a.example"), (b":path", b"/x")]
@@ -55,30 +53,18 @@ class Recorder:
         self.calls.append(("goaway", last_sid, code))
 
 
-def frames(data: bytes) -> list[Any]:
-    out = []
-    while data:
-        f, length = Frame.parse_frame_header(memoryview(data[:9]))
-        f.parse_body(memoryview(data[9:9 + length]))
-        out.append(f)
-        data = data[9 + length:]
-    return out
 
 
-def hdrs(sid: int, block: bytes, end_stream: bool = True, end_headers: bool = True) -> bytes:
-    f = HeadersFrame(sid, data=block)
-    if end_headers:
-        f.flags.add("END_HEADERS")
-    if end_stream:
-        f.flags.add("END_STREAM")
-    return f.serialize()
 
 
-def data_frame(sid: int, data: bytes, end: bool = False) -> bytes:
-    f = DataFrame(sid, data=data)
-    if end:
-        f.flags.add("END_STREAM")
-    return f.serialize()
+
+def hdrs(sid: int, block: bytes, end_stream: bool = True, end_headers: bool = True, pad: int = 0) -> bytes:
+    return rawh2.hdrs(sid, block, end_stream, end_headers, pad)
+
+
+def goaway_code(h: ServerH2) -> int:
+    return rawh2.goaway_code(h.data_to_send())
+
 
 
 def server(settings: dict[int, int] | None = None, stream_window: int = 65535, conn_window: int = 65535,
@@ -92,10 +78,6 @@ def server(settings: dict[int, int] | None = None, stream_window: int = 65535, c
     return s, rec
 
 
-def goaway_code(s: ServerH2) -> int:
-    gs = [f for f in frames(s.data_to_send()) if isinstance(f, GoAwayFrame)]
-    assert len(gs) == 1
-    return gs[0].error_code
 
 
 def test_preface_settings_and_a_get_become_one_request_and_its_end():
