@@ -97,10 +97,16 @@ spec:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports that were free a moment ago.
+
+    The sockets are held until all n are chosen, so the ports differ from each
+    other and from every port already bound (start the apps first)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 class _Echo(asyncio.Protocol):
@@ -166,12 +172,13 @@ def _say(text: str = "") -> None:
 async def run_demo(duration: float, keep_dir: bool) -> int:
     loop = asyncio.get_running_loop()
     tmp = tempfile.mkdtemp(prefix="pillion-demo-")
-    http_port, tcp_port, admin_port = _free_port(), _free_port(), _free_port()
     v1, v2 = DemoApp("reviews", "v1"), DemoApp("reviews", "v2")
     await v1.start()
     await v2.start()
     echo = await loop.create_server(_Echo, "127.0.0.1", 0)
     echo_port = echo.sockets[0].getsockname()[1]
+    # chosen after the apps are bound, so the sidecar's listeners cannot land on an app's port
+    http_port, tcp_port, admin_port = free_ports(3)
     yaml_text = MESH_YAML.format(host=HOST, http_port=http_port, tcp_port=tcp_port, v1_port=v1.port,
                                  v2_port=v2.port, echo_port=echo_port)
     Path(tmp, "mesh.yaml").write_text(yaml_text)

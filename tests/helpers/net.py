@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -27,11 +29,32 @@ from proxy.supervisor import Supervisor
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed out by free_port come from below the kernel's ephemeral range, in turn, so a
+# server that binds port 0 (or a client's local port) can never take a port a test chose
+# a moment ago and has not bound yet. The start is per process, so concurrent runs rarely meet.
+_FIXED_LOW = 10000
+_FIXED_SPAN = max(_ephemeral_low() - _FIXED_LOW, 1000)
+_next_port = itertools.count(random.randrange(_FIXED_SPAN))
+
+
 def free_port() -> int:
-    """A port that was free a moment ago (the kernel does not hand it out again at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that is free now and that nothing else in this process will be handed."""
+    for _ in range(_FIXED_SPAN):
+        port = _FIXED_LOW + next(_next_port) % _FIXED_SPAN
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))  # the widest bind: fails if any address holds the port
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @dataclass
