@@ -46,8 +46,7 @@ class Context:
         self.node = node or {}
         self.random = (rng or random.Random()).random
         self.getrandbits = (rng or random.Random()).getrandbits
-        self.trace_ids = b""  # [tracing] hex digits of random trace/span ids, used 48 at a time
-        self.trace_ids_pos = 0
+        self.trace_lines: list[bytes] = []  # [tracing] ready-made traceparent lines of new traces
 
     def forget(self, conn: Connection) -> None:
         """Called by a connection when it closes."""

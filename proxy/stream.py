@@ -163,7 +163,7 @@ class Stream(Forwarder):
             parts += (b"x-request-id: ", rid, b"\r\n")
         traced = http.tracing  # [tracing] our span is the upstream's parent; unsampled ones propagate too
         if traced is not None:
-            parts += tracing.begin(self, traced)
+            tracing.begin(self, traced, parts)
         return parts
 
     # ------------------------------------------------------------------ routing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from binascii import hexlify
 
 import pytest
 from envoy.config.core.v3 import grpc_service_pb2
@@ -14,7 +15,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from proxy import model
+from proxy import model, tracing
 from proxy import tracecontext as tc
 from proxy.compile_tracing import with_tracing
 from proxy.errors import InvalidResource
@@ -93,6 +94,58 @@ def test_ids_and_sampling() -> None:
     assert tc.sample(True, 0.0, 0.99) and not tc.sample(False, 100.0, 0.0)
     assert tc.sample(None, 1.0, 0.005) and not tc.sample(None, 1.0, 0.02)
     assert not tc.sample(None, 0.0, 0.0) and tc.sample(None, 100.0, 0.9999)
+
+
+class _WorkerCtx:
+    """What ``tracing.begin`` reads of a worker's context."""
+
+    def __init__(self, seed: int) -> None:
+        rng = random.Random(seed)
+        self.getrandbits, self.random = rng.getrandbits, rng.random
+        self.trace_lines: list[bytes] = []
+
+
+class _St:
+    def __init__(self, ctx: _WorkerCtx, hdrs: dict[bytes, bytes]) -> None:
+        self.ctx, self.hdrs, self.span = ctx, hdrs, None
+
+
+def test_new_traces_take_ready_made_lines_with_fresh_ids() -> None:
+    # The lines are built a column at a time; they must be exactly what formatting each one gives.
+    ctx = _WorkerCtx(11)
+    lines = tracing._fresh_lines(ctx)
+    rng = random.Random(11)
+    pool = hexlify(rng.getrandbits(tracing._POOL_BITS).to_bytes(tracing._POOL_BYTES, "little"))
+    assert lines == [b"traceparent: 00-%b-%b-00\r\n" % (pool[i:i + 32], pool[i + 32:i + 48])
+                     for i in range(0, len(pool), 48)]
+    # begin: every request of a new trace gets its own ids; a sampled one says so, and its span has them
+    unsampled = model.TraceSettings(0.0, "c", "s", False)
+    sampled = model.TraceSettings(100.0, "c", "s", False)
+    ctx, seen = _WorkerCtx(3), set()
+    for i in range(600):  # more than one pool's worth
+        st = _St(ctx, {b"host": b"a"})
+        parts: list[bytes] = []
+        tracing.begin(st, sampled if i % 2 else unsampled, parts)  # type: ignore[arg-type]
+        assert len(parts) == 1
+        found = tc.parse_traceparent(parts[0][len(b"traceparent: "):-2])
+        assert found is not None and found.style == tc.STYLE_W3C
+        assert found.sampled == bool(i % 2)
+        if i % 2:
+            assert st.span is not None and (st.span.trace_id, st.span.span_id) == (found.trace_id, found.span_id)
+            assert st.span.parent_id == b""
+        else:
+            assert st.span is None
+        seen.add(found.trace_id)
+    assert len(seen) == 600
+
+
+def test_an_incoming_context_is_continued() -> None:
+    st = _St(_WorkerCtx(5), {tc.TRACEPARENT: b"00-" + TRACE + b"-" + SPAN + b"-01"})
+    parts: list[bytes] = []
+    tracing.begin(st, model.TraceSettings(0.0, "c", "s", True), parts)  # type: ignore[arg-type]
+    found = tc.parse_traceparent(parts[0][len(b"traceparent: "):-2])
+    assert found is not None and found.trace_id == TRACE and found.span_id != SPAN and found.sampled
+    assert st.span is not None and st.span.parent_id == SPAN  # parent-based: the caller sampled it
 
 
 SETTINGS = model.TraceSettings(100.0, "outbound|4317||collector", "reviews.default", True)
