@@ -2,14 +2,17 @@
 
     python -m benchmarks.tracing [--quick] [--rounds N] [--out benchmarks/results] [--targets pillion,envoy]
 
-Each proxy is started three times on the macro benchmark's config (one sidecar, one
-HTTP egress port, the same upstream app): without tracing, then with MeshConfig
-tracing to an OTLP/gRPC collector at 1% and at 100% random sampling. The collector
-is a real one (``control.otlp_receiver``, the embedded receiver of ``pillion control``)
-on the load generator's core, so spans are really exported. ``wrk -t1 -c32`` drives
-keep-alive HTTP/1.1 after a warm-up, pinned as in ``benchmarks.macro``. The report is
-each proxy's requests/s at 0% (propagation only), 1% and 100% relative to its own tracing-off run, and the
-collector's span count (proof that export happened). Issue targets: 1% sampling costs
+Each proxy is started once per mode on the macro benchmark's config (one sidecar, one
+HTTP egress port, the same upstream app): without tracing ("off"), and with MeshConfig
+tracing to an OTLP/gRPC collector at 0% (ids made and propagated, nothing sampled), 1%
+and 100% random sampling. The collector (``benchmarks.collector``) is a real gRPC
+server on the load generator's core that counts the spans it is sent, so spans are
+really encoded and exported. ``wrk -t1 -c32`` drives keep-alive HTTP/1.1 after a
+warm-up, pinned as in ``benchmarks.macro``. The report is each proxy's requests/s in
+each mode relative to its own tracing-off run, the proxy's and the upstream's CPU time
+per request (steadier than requests/s when the machine drifts), and the collector's span
+count (proof that export happened). With ``--rounds N`` every mode runs N times,
+each round starting at a different mode, and the median is reported. Issue targets: 1% sampling costs
 Pillion < 5%, 100% costs < 25%.
 """
 
@@ -27,7 +30,7 @@ from typing import Any
 from benchmarks.config import BenchPorts, write_config_dir
 from benchmarks.envoy_config import BootstrapUnavailable, build_bootstrap
 from benchmarks.macro import Plan, ScenarioError, run_wrk, say
-from benchmarks.procs import Child, Pinning, StartError, free_port
+from benchmarks.procs import Child, Pinning, StartError, TreeMeter, free_port
 from benchmarks.targets import (
     PYTHON,
     READY_TIMEOUT,
@@ -84,7 +87,7 @@ def spans_received(status_port: int) -> int:
 
 
 def run_one(proxy: str, mode: str, plan: Plan, pinning: Pinning, workdir: Path, logs: Path, out: Path,
-            ports: BenchPorts, collector_port: int) -> dict[str, Any]:
+            ports: BenchPorts, collector_port: int, upstream: TreeMeter) -> dict[str, Any]:
     config_dir = write_config_dir(workdir, ports)
     sampling = MODES[mode]
     if sampling is not None:
@@ -98,15 +101,21 @@ def run_one(proxy: str, mode: str, plan: Plan, pinning: Pinning, workdir: Path, 
         except BaseException:
             child.stop()
             raise
-        stop = child.stop
+        stop, meter = child.stop, TreeMeter(child.pid)
     else:
         bootstrap, _source = build_bootstrap("translate", config_dir, ports, admin)
         target = _start_envoy_with(pinning, workdir, logs, ports, admin, bootstrap, "translate", out)
-        stop = target.stop
+        assert target.meter is not None
+        stop, meter = target.stop, target.meter
     try:
         say(f"{proxy} tracing {mode}: warm-up, then wrk {plan.wrk_s}s")
         run_wrk(pinning, ports.http_listen, plan.wrk_warmup_s, plan.wrk_connections)
-        return run_wrk(pinning, ports.http_listen, plan.wrk_s, plan.wrk_connections)
+        cpu, up = meter.cpu_seconds(), upstream.cpu_seconds()
+        wrk = run_wrk(pinning, ports.http_listen, plan.wrk_s, plan.wrk_connections)
+        if wrk.get("requests"):  # CPU per request: steadier than req/s when runs drift
+            wrk["proxy_cpu_us_per_req"] = (meter.cpu_seconds() - cpu) * 1e6 / wrk["requests"]
+            wrk["upstream_cpu_us_per_req"] = (upstream.cpu_seconds() - up) * 1e6 / wrk["requests"]
+        return wrk
     finally:
         stop()
 
@@ -130,12 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="pillion-tracing-") as tmp:
         upstreams = start_upstreams(pinning, logs)
+        upstream_meter = TreeMeter(upstreams.http.pid)
         collector, collector_port, status_port = start_collector(pinning, logs)
         try:
             runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            proxies = [t.strip() for t in args.targets.split(",") if t.strip()]
             for rnd in range(args.rounds):
-                for proxy in [t.strip() for t in args.targets.split(",") if t.strip()]:
-                    for mode in MODES:
+                # Each round starts at a different mode (and alternates the proxies), so a drift
+                # of the machine over a round does not always fall on the same mode.
+                modes = list(MODES)[rnd % len(MODES):] + list(MODES)[:rnd % len(MODES)]
+                for proxy in proxies if rnd % 2 == 0 else proxies[::-1]:
+                    for mode in modes:
                         http_port = free_port()
                         tcp_port = free_port()
                         while tcp_port == http_port:  # free_port can hand out the same port twice
@@ -145,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                         workdir = Path(tmp) / f"{proxy}-{mode.strip('%')}-{rnd}"
                         try:
                             wrk = run_one(proxy, mode, plan, pinning, workdir, logs, args.out, ports,
-                                          collector_port)
+                                          collector_port, upstream_meter)
                         except (StartError, ScenarioError, BootstrapUnavailable, OSError) as exc:
                             say(f"{proxy} tracing {mode}: {exc}")
                             wrk = {"error": str(exc).splitlines()[0]}
@@ -156,13 +170,19 @@ def main(argv: list[str] | None = None) -> int:
                 results[proxy] = {}
                 for mode, got in per_mode.items():
                     ok = sorted((r for r in got if "requests_per_s" in r), key=lambda r: r["requests_per_s"])
-                    results[proxy][mode] = ({**ok[len(ok) // 2], "rounds": [r["requests_per_s"] for r in got
-                                                                             if "requests_per_s" in r]}
-                                            if ok else got[-1])
+                    if not ok:
+                        results[proxy][mode] = got[-1]
+                        continue
+                    results[proxy][mode] = {**ok[len(ok) // 2], "rounds": [r["requests_per_s"] for r in ok]}
+                    for key in ("proxy_cpu_us_per_req", "upstream_cpu_us_per_req"):  # their own medians
+                        values = sorted(r[key] for r in ok if key in r)
+                        if values:
+                            results[proxy][mode][key] = values[len(values) // 2]
         finally:
             collector.stop()
             upstreams.stop()
-    print(f"{'proxy':<8} {'tracing':<8} {'req/s':>10} {'vs off':>8} {'spans at collector':>20}")
+    print(f"{'proxy':<8} {'tracing':<8} {'req/s':>10} {'vs off':>8} {'proxy CPU us/req':>17} "
+          f"{'upstream us/req':>16} {'spans at collector':>20}")
     for proxy, modes in results.items():
         off = modes.get("off", {}).get("requests_per_s")
         for mode, r in modes.items():
@@ -171,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{proxy:<8} {mode:<8} {'error':>10}  {r.get('error', '')}")
                 continue
             ratio = f"{rps / off:.3f}" if off else "-"
-            print(f"{proxy:<8} {mode:<8} {rps:>10.0f} {ratio:>8} {r.get('spans_exported', 0):>20}")
+            print(f"{proxy:<8} {mode:<8} {rps:>10.0f} {ratio:>8} {r.get('proxy_cpu_us_per_req', 0):>17.2f} "
+                  f"{r.get('upstream_cpu_us_per_req', 0):>16.2f} {r.get('spans_exported', 0):>20}")
     (args.out / "results-tracing.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
