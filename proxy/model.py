@@ -404,6 +404,16 @@ class TraceSettings:
     collector_cluster: str  # the OTLP/gRPC collector's cluster (grpc_service.envoy_grpc)
     service_name: str  # the resource's service.name
     server: bool  # True: server spans (INBOUND listeners); False: client spans (OUTBOUND)
+    # A new trace is sampled when its ``traceparent`` header line, as tracing.begin writes it
+    # (b"traceparent: 00-" and the trace id in lowercase hex), sorts below this one. Equal-length
+    # lowercase hex compares as its number, so a trace id below ``sample_percent`` % of 2**128 is
+    # sampled: OpenTelemetry's trace-id ratio rule, one bytes comparison a request.
+    sample_below: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        below = int(self.sample_percent / 100.0 * 2**128)
+        line = b"" if below <= 0 else b"\xff" if below >= 2**128 else b"traceparent: 00-%032x" % below
+        object.__setattr__(self, "sample_below", line)
 # [tracing] end
 
 

@@ -6,6 +6,12 @@ upstream's ``traceparent`` (and B3 headers if it came with B3) and, if
 sampled, appends one small tuple to a bounded deque. Nothing is formatted
 and no protobuf is touched there.
 
+Sampling: a request that arrives with a sampling decision keeps it (parent-based).
+A new trace is sampled by its trace id, as OpenTelemetry's trace-id ratio sampler
+does: the ids are random, so ``sample_percent`` % of new traces are sampled, and the
+decision is one bytes comparison (``TraceSettings.sample_below``), no random draw.
+A context that came without a decision (B3 without ``x-b3-sampled``) draws one.
+
 A background thread (one per worker, started on the first snapshot that
 traces) wakes every ``flush_interval`` seconds, drains the deque in batches
 and sends them over OTLP/gRPC (``proxy.tracing_export``, imported by the
@@ -102,8 +108,7 @@ def begin(st: Stream, settings: TraceSettings, parts: list[bytes]) -> None:
         # A new trace (the usual case at the edge of the mesh): the next ready-made line.
         lines = ctx.trace_lines
         line = lines.pop() if lines else _new_lines(ctx)
-        percent = settings.sample_percent
-        if percent >= 100.0 or (percent > 0.0 and ctx.random() * 100.0 < percent):
+        if line < settings.sample_below:  # the trace id decides (see TraceSettings.sample_below)
             st.span = ActiveSpan(settings, line[16:_ID_END], line[_ID_END + 1:_FLAGS_AT - 1], b"", time.time_ns())
             line = line[:_FLAGS_AT] + b"01\r\n"
         parts.append(line)

@@ -139,6 +139,24 @@ def test_new_traces_take_ready_made_lines_with_fresh_ids() -> None:
     assert len(seen) == 600
 
 
+@pytest.mark.parametrize("percent", [0.0, 0.5, 1.0, 25.0, 99.0, 100.0])
+def test_new_traces_are_sampled_by_trace_id_at_the_configured_ratio(percent: float) -> None:
+    settings = model.TraceSettings(percent, "c", "s", False)
+    ctx, n, sampled = _WorkerCtx(percent), 20000, 0
+    for _ in range(n):
+        st = _St(ctx, {b"host": b"a"})
+        parts: list[bytes] = []
+        tracing.begin(st, settings, parts)  # type: ignore[arg-type]
+        trace_id = parts[0][16:48]
+        # the rule: a trace id below percent% of 2**128 is sampled, and the header says so
+        assert (st.span is not None) == (int(trace_id, 16) < percent / 100 * 2**128)
+        assert parts[0].endswith(b"-01\r\n" if st.span is not None else b"-00\r\n")
+        sampled += st.span is not None
+    # a binomial count: within 5 standard deviations of n * p (and exact at 0% and 100%)
+    p = percent / 100
+    assert abs(sampled - n * p) <= 5 * (n * p * (1 - p)) ** 0.5
+
+
 def test_an_incoming_context_is_continued() -> None:
     st = _St(_WorkerCtx(5), {tc.TRACEPARENT: b"00-" + TRACE + b"-" + SPAN + b"-01"})
     parts: list[bytes] = []
