@@ -66,6 +66,8 @@ class Forwarder:
     end_sent: bool
     up_h2: bool
     req_complete: bool
+    req_chunked: bool
+    req_trailers: list[tuple[bytes, bytes]] | None
     method: bytes
     path: bytes
     hdrs: dict[bytes, bytes]
@@ -168,15 +170,19 @@ class Forwarder:
         if self.keep is not None:
             self._keep(out)
         end = self.req_complete
+        trailers = self.req_trailers if end else None
+        fin = end and trailers is None  # END_STREAM on the head or DATA, else on the trailers
         if not self.sent_any:
             head = out[0]
             body = b"".join(out[1:]) if len(out) > 1 else b""
-            up.send_head(head, end and not body)
+            up.send_head(head, fin and not body)
             if body:
-                up.send_data(body, end)
+                up.send_data(body, fin)
             self.sent_any = True
-        else:
-            up.send_data(out[0] if len(out) == 1 else b"".join(out), end)
+        elif out or fin:
+            up.send_data(out[0] if len(out) == 1 else b"".join(out), fin)
+        if trailers is not None:
+            up.send_trailers(trailers)
         self.end_sent = end
         out.clear()
         if self.buffered:
@@ -198,7 +204,7 @@ class Forwarder:
 
     def _mirror(self, route: Route) -> None:
         keep = self.keep
-        if keep is None or self.up_h2:
+        if keep is None:
             return
         data = keep + self.out
         if route.retry is None:
@@ -208,7 +214,7 @@ class Forwarder:
             if m.percent >= 100 or ctx.random() * 100 < m.percent:
                 rt = ctx.clusters.get(m.cluster)
                 if rt is not None:
-                    Shadow(list(data)).start(rt, ctx)
+                    Shadow(data, self.up_h2, self.req_chunked, self.req_trailers).start(rt, ctx)
 
     def _arm_timer(self) -> None:
         if self.timeout > 0 and self.timer is None and not self.done:

@@ -204,6 +204,23 @@ class H2ServerConnection(asyncio.Protocol):
         st.request_body(data)
         self._touched.append(st)
 
+    def on_trailers(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        st = self.streams.get(sid)
+        if st is None or st.done:
+            return
+        try:
+            st.request_trailers(headers)
+        except MalformedRequest as e:
+            self.lstats.protocol_errors += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("listener %s: stream %d reset: %s", self.listener.name, sid, e)
+            self._reset(sid, _PROTOCOL_ERROR)
+            self.streams.pop(sid, None)
+            self._blocked.discard(st)
+            st.discard_request()
+            if st.unacked:
+                self.ack(st)
+
     def on_end(self, sid: int) -> None:
         st = self.streams.get(sid)
         if st is not None:

@@ -99,6 +99,14 @@ class ClientH2(H2Endpoint):
             st.local_closed = True
         return sid
 
+    def send_trailers(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """A request's trailers: a HEADERS block that ends the stream (after all its DATA)."""
+        st = self.streams.get(sid)
+        if st is None or st.local_closed:
+            return
+        self._out.append(header_frames(sid, self.encoder.encode(headers), True, self.max_frame))
+        self._local_end(sid, st)
+
     def reset_stream(self, sid: int, code: int) -> None:
         if self.streams.pop(sid, None) is not None and not self.dead:
             self._out.append(rst_frame(sid, code))

@@ -245,6 +245,7 @@ class HttpConnection(asyncio.Protocol):
         st.keep_alive = p.should_keep_alive()
         st.upgrade = p.should_upgrade()
         self.lstats.rq_total += 1
+        st.nfields = len(st.raw_headers)
         st.prepare()  # validates and builds the upstream head; raises DownstreamProtocolError
         if st.upgrade:
             self._upgrading = st
@@ -263,6 +264,9 @@ class HttpConnection(asyncio.Protocol):
         if st is not None:
             self._parsing = None
             self._idle_tick = self.ctx.tick
+            fields = st.raw_headers
+            if len(fields) > st.nfields:  # a chunked body's trailers
+                st.request_trailers(fields[st.nfields:])
             st.request_complete()
 
     # ------------------------------------------------------------------ streams

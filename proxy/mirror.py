@@ -1,35 +1,68 @@
 """Request mirroring: a fire-and-forget copy of a request to a shadow cluster.
 
 A ``Shadow`` is started by the primary stream once the whole request is in
-hand (the bytes it kept, bounded); it checks out a connection of the mirror
-cluster's pool, writes the copy with "-shadow" added to the Host, and reads
-and discards the response. It never reports to the primary, never delays
-it, and any failure only ends the shadow. A mirror cluster that speaks
-HTTP/2 upstream is not mirrored to (counted nowhere; documented).
+hand (the bytes it kept, bounded); it checks out a connection (HTTP/1.1) or
+a stream (HTTP/2) of the mirror cluster's pool, sends the copy with
+"-shadow" added to the Host, and reads and discards the response. It never
+reports to the primary, never delays it, and any failure only ends the
+shadow.
+
+The kept bytes are the HTTP/1.1 head the core built and the body as the
+primary's upstream got it: plain for an HTTP/2 upstream, chunk-framed for an
+HTTP/1.1 one when the length was unknown. When the mirror cluster speaks
+the other protocol the body is re-framed (a copy, off the primary's path:
+mirrored requests are at most the kept 1 MiB).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from proxy.cluster import ClusterRuntime
 from proxy.context import Context
 from proxy.errors import ProxyError
 from proxy.route_edit import shadow_head
-from proxy.upstream import UpstreamConnection
+
+
+def dechunk(framed: bytes) -> bytes:
+    """The payload of a chunked body the proxy framed itself (sizes, data, CRLFs, a last chunk)."""
+    parts: list[bytes] = []
+    pos = 0
+    while True:
+        eol = framed.index(b"\r\n", pos)
+        n = int(framed[pos:eol], 16)
+        if n == 0:
+            return b"".join(parts)
+        start = eol + 2
+        parts.append(framed[start:start + n])
+        pos = start + n + 2
+
+
+def last_chunk(trailers: list[tuple[bytes, bytes]] | None) -> bytes:
+    if not trailers:
+        return b"0\r\n\r\n"
+    return b"".join([b"0\r\n", *(n + b": " + v + b"\r\n" for n, v in trailers), b"\r\n"])
 
 
 class Shadow:
-    __slots__ = ("data", "up")
+    __slots__ = ("chunked", "data", "h2", "plain", "trailers", "up")
 
-    def __init__(self, data: list[bytes]) -> None:
-        self.data = data
-        self.up: UpstreamConnection | None = None
+    def __init__(self, data: list[bytes], plain: bool, chunked: bool,
+                 trailers: list[tuple[bytes, bytes]] | None) -> None:
+        self.data = data  # [head, body pieces...]
+        self.plain = plain  # the body pieces are unframed (the primary went upstream over HTTP/2)
+        self.chunked = chunked  # the head says transfer-encoding: chunked
+        self.trailers = trailers
+        self.h2 = False  # the mirror cluster speaks HTTP/2
+        self.up: Any = None
 
     def start(self, rt: ClusterRuntime, ctx: Context) -> None:
         ep = rt.lb.pick(None)
-        if ep is None or rt.spec.http2:
+        if ep is None:
             return
         rt.stats.rq_mirrored += 1
-        pool = rt.pool(ep, ctx.loop)
+        h2 = self.h2 = rt.spec.http2
+        pool: Any = rt.h2_pool(ep, ctx.loop) if h2 else rt.pool(ep, ctx.loop)
         try:
             up = pool.acquire(self._on_connected)
         except ProxyError:
@@ -37,19 +70,36 @@ class Shadow:
         if up is not None:
             self._send(up)
 
-    def _on_connected(self, up: UpstreamConnection | None, err: ProxyError | None) -> None:
+    def _on_connected(self, up: Any, err: ProxyError | None) -> None:
         if up is not None:
             self._send(up)
 
-    def _send(self, up: UpstreamConnection) -> None:
+    def _send(self, up: Any) -> None:
         self.up = up
         up.exchange = self
         data = self.data
-        data[0] = shadow_head(data[0])
-        up.write(b"".join(data))
         self.data = []
+        head = shadow_head(data[0])
+        body = b"".join(data[1:])
+        trailers = self.trailers
+        if self.h2:
+            if self.chunked and not self.plain:
+                body = dechunk(body)
+            up.send_head(head, not body and not trailers)
+            if body:
+                up.send_data(body, not trailers)
+            if trailers:
+                up.send_trailers(trailers)
+        elif self.plain and self.chunked:
+            up.write(b"".join([head, b"%x\r\n" % len(body), body, b"\r\n", last_chunk(trailers)]) if body
+                     else head + last_chunk(trailers))
+        else:
+            up.write(head + body)
 
     # Exchange: everything the shadow's upstream says is dropped.
+    def h2_fields(self, head: bytes, scheme: bytes) -> None:
+        return None  # the head was edited ("-shadow"): convert it
+
     def on_upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         pass
 

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from proxy.hcm import HttpConnection
 
 HIGH_WATER = 64 * 1024
+# Request trailer fields never forwarded: framing, routing and connection-specific ones (RFC 9110 section 6.5.1).
+_TRAILER_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
+                           b"te", b"trailer", b"content-length", b"host"})
 
 
 def _request_id(bits: int) -> bytes:
@@ -71,7 +74,7 @@ class Stream(Forwarder):
     __slots__ = (
         "close_after", "cluster", "conn", "ctx", "done", "expect_continue", "flags", "grpc", "grpc_status",
         "hdrs", "host", "http10", "keep_alive", "method", "path", "raw_headers", "req_bytes", "req_chunked",
-        "req_complete", "resp_bytes", "route", "scheme", "span", "t0", "url",
+        "req_complete", "req_trailers", "resp_bytes", "route", "scheme", "span", "t0", "url",
     )
 
     def __init__(self, conn: HttpConnection, ctx: Context) -> None:
@@ -93,6 +96,7 @@ class Stream(Forwarder):
         self.req_chunked = False  # the HTTP/1.1 upstream gets a chunked body
         self.req_complete = False
         self.req_bytes = 0
+        self.req_trailers: list[tuple[bytes, bytes]] | None = None  # forwarded after the body (see request_trailers)
         # upstream side
         self.out: list[bytes] = []  # bytes for the upstream not yet written; out[0] is the head until sent
         self.buffered = 0
@@ -280,12 +284,23 @@ class Stream(Forwarder):
             if self.buffered > HIGH_WATER:
                 self.conn.pause_reading()
 
+    def request_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The request's trailers (before ``request_complete``). They go in the last chunk of a
+        chunked HTTP/1.1 body or as a HEADERS frame to HTTP/2; an HTTP/1.1 body sent with a
+        content-length cannot carry them, and there they are dropped (as Envoy does). Fields
+        about framing or the connection never pass."""
+        kept = [(n.lower(), v) for n, v in fields if n.lower() not in _TRAILER_DROP]
+        if kept:
+            self.req_trailers = kept
+
     def request_complete(self) -> None:
         self.req_complete = True
         if self.done:
             return
         if self.req_chunked and not self.up_h2:
-            self.out.append(b"0\r\n\r\n")
+            t = self.req_trailers
+            self.out.append(b"0\r\n\r\n" if t is None else
+                            b"".join([b"0\r\n", *(n + b": " + v + b"\r\n" for n, v in t), b"\r\n"]))
         route = self.route
         if self.cluster is not None and route is not None:
             self._arm_timer()

@@ -39,10 +39,11 @@ _MODE_NONE, _MODE_LENGTH, _MODE_CHUNKED, _MODE_EOF = 0, 1, 2, 3
 
 
 class H1Stream(Stream):
-    __slots__ = ("mode", "resp_eof_delimited", "upgrade", "upgrade_rest")
+    __slots__ = ("mode", "nfields", "resp_eof_delimited", "upgrade", "upgrade_rest")
 
     def __init__(self, conn, ctx) -> None:  # type: ignore[no-untyped-def]
         super().__init__(conn, ctx)
+        self.nfields = 0  # fields in the head; httptools reports a chunked body's trailers after them
         self.upgrade = False
         self.upgrade_rest: bytes | None = None
         self.mode = _MODE_NONE

@@ -161,6 +161,14 @@ class H2Stream(Stream):
         self.out.append(h1)
         self.h2_req = (h1, method, path, host, extra, special)  # [http2] for h2_fields, while out[0] is h1
 
+    def request_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """Trailers are checked as strictly as the head: no pseudo-headers (RFC 9113 section 8.1), valid
+        lowercase names and values. Raises MalformedRequest."""
+        for name, value in fields:
+            if _NAME_OK(name) is None or _VALUE_BAD(value) is not None:
+                raise MalformedRequest("invalid trailer field name or value")
+        super().request_trailers(fields)
+
     def h2_fields(self, head: bytes, scheme: bytes) -> list[tuple[bytes, bytes]] | None:
         """The forwarded request as HTTP/2 fields, from the decoded block instead of the HTTP/1.1 text.
 

@@ -81,7 +81,7 @@ class H2Exchange:
     """One request on an ``H2UpstreamConnection``: what a stream's ``upstream`` is for HTTP/2."""
 
     __slots__ = ("closed", "conn", "end_pending", "exchange", "head_only", "paused", "pend", "pend_bytes", "sid",
-                 "unacked", "writer_paused")
+                 "trailers", "unacked", "writer_paused")
 
     def __init__(self, conn: H2UpstreamConnection) -> None:
         self.conn = conn
@@ -94,6 +94,7 @@ class H2Exchange:
         self.pend: list[bytes] = []
         self.pend_bytes = 0
         self.end_pending = False
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # request trailers queued behind ``pend``
         self.writer_paused = False  # more than PEND_HIGH queued: the downstream must not be read
 
     def send_head(self, head: bytes, end_stream: bool) -> None:
@@ -124,6 +125,16 @@ class H2Exchange:
                 self.exchange.pause_downstream()
             return
         self._send(data, end_stream)
+        self.conn.want_flush()
+
+    def send_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The request's trailers, which end the stream once every DATA byte queued before them is sent."""
+        if self.closed or not self.sid:
+            return
+        if self.pend:
+            self.trailers = trailers
+            return
+        self.conn.h2.send_trailers(self.sid, trailers)
         self.conn.want_flush()
 
     def _send(self, data: bytes, end_stream: bool) -> None:
@@ -163,6 +174,10 @@ class H2Exchange:
         data = b"".join(pend)
         self._send(data, end)
         if not self.pend:
+            trailers = self.trailers
+            if trailers is not None:
+                self.trailers = None
+                self.conn.h2.send_trailers(self.sid, trailers)
             self.conn.blocked.discard(self)
             self.writer_paused = False
             if self.exchange is not None:

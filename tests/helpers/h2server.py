@@ -357,8 +357,8 @@ class H2Client(asyncio.Protocol):
         if n < len(body):
             raise BufferError(n)
 
-    async def send_all(self, sid: int, body: bytes, timeout: float = 10.0) -> None:
-        """Send ``body`` and END_STREAM, waiting for window as needed."""
+    async def send_all(self, sid: int, body: bytes, timeout: float = 10.0, end: bool = True) -> None:
+        """Send ``body`` (and END_STREAM unless ``end`` is False), waiting for window as needed."""
         async with asyncio.timeout(timeout):
             pos = 0
             while pos < len(body):
@@ -367,7 +367,7 @@ class H2Client(asyncio.Protocol):
                     self.changed.clear()
                     await self.changed.wait()
                     continue
-                self.raw.send_data(sid, body[pos:pos + n], end_stream=pos + n == len(body))
+                self.raw.send_data(sid, body[pos:pos + n], end_stream=end and pos + n == len(body))
                 pos += n
                 self.flush()
 

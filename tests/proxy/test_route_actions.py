@@ -7,6 +7,7 @@ import asyncio
 import re
 
 from proxy import model
+from tests.helpers.h2server import H2Server
 from tests.helpers.net import one_request
 from tests.helpers.snapshots import FixedUpstream, cluster, route, serve, snapshot
 from tests.helpers.upstreams import RecordingUpstream
@@ -151,6 +152,49 @@ async def test_mirror_percentage() -> None:
             for _ in range(20):
                 await one_request(px.port, get())
             assert len(primary.seen) == 20 and shadow.seen == []
+
+
+CHUNKED_PUT = (b"PUT /m HTTP/1.1\r\nhost: svc:8000\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"3\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 5\r\n\r\n")
+
+
+async def test_mirror_to_an_http2_cluster_from_an_http1_primary() -> None:
+    # the primary's body went chunk-framed over HTTP/1.1; the shadow gets it as DATA, trailers as HEADERS
+    async with RecordingUpstream("primary") as primary, H2Server("shadow") as shadow:
+        snap = snapshot([route(mirrors=(model.Mirror("m", 100.0),))],
+                        [cluster("c", primary.port), cluster("m", shadow.port, http2=True)])
+        async with serve(snap) as px:
+            assert (await one_request(px.port, CHUNKED_PUT)).status == 200
+            await shadow.wait_for(lambda: len(shadow.requests) == 1)
+            copy = shadow.requests[0]
+            assert copy.method == "PUT" and copy.path == "/m" and copy.body == b"abcde"
+            assert dict(copy.headers)[":authority"] == "svc-shadow:8000" and copy.trailers == [("x-sum", "5")]
+            assert primary.state.all_bytes.endswith(b"0\r\nx-sum: 5\r\n\r\n")
+            assert px.stats("m").rq_mirrored == 1
+
+
+async def test_mirror_to_an_http1_cluster_from_an_http2_primary() -> None:
+    # the primary's body went plain over HTTP/2; the HTTP/1.1 shadow gets it chunk-framed
+    async with H2Server("primary") as primary, RecordingUpstream("shadow") as shadow:
+        snap = snapshot([route(mirrors=(model.Mirror("m", 100.0),))],
+                        [cluster("c", primary.port, http2=True), cluster("m", shadow.port)])
+        async with serve(snap) as px:
+            assert (await one_request(px.port, CHUNKED_PUT)).status == 200
+            await shadow.state.wait_for(lambda: len(shadow.requests) == 1)
+            raw = shadow.state.all_bytes
+            assert b"\r\nhost: svc-shadow:8000\r\n" in raw and b"transfer-encoding: chunked" in raw
+            assert raw.endswith(b"\r\n\r\n5\r\nabcde\r\n0\r\nx-sum: 5\r\n\r\n"), raw
+            assert shadow.requests[0].body == b"abcde"
+            assert primary.requests[0].body == b"abcde" and primary.requests[0].trailers == [("x-sum", "5")]
+        # and to an HTTP/2 shadow as well, with a content-length body
+        snap2 = snapshot([route(mirrors=(model.Mirror("m", 100.0),))],
+                         [cluster("c", primary.port, http2=True), cluster("m", primary.port, http2=True)])
+        async with serve(snap2) as px:
+            put = b"PUT /n HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\nxyz"
+            assert (await one_request(px.port, put)).status == 200
+            await primary.wait_for(lambda: len(primary.requests) == 3)
+            by_authority = {dict(q.headers)[":authority"]: q for q in primary.requests[1:]}
+            assert by_authority["svc-shadow"].body == b"xyz" and by_authority["svc"].body == b"xyz"
 
 
 async def test_grpc_timeout_header_bounds_the_request() -> None:
