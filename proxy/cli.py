@@ -18,6 +18,11 @@ from proxy.options import ProxyOptions
 
 CONTROL_COMMANDS = ("control", "status", "validate", "demo", "traces")  # [tracing] traces
 
+# Pillion's processes start children (proxy workers, the demo's processes) by fork and exec while
+# gRPC threads may be running. gRPC's fork handlers exist for children that go on using gRPC; in a
+# child that only execs, they can leave it stuck before the exec. Off unless the user sets it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 
 def _labels(text: str) -> dict[str, str]:
     out: dict[str, str] = {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -80,12 +79,6 @@ def remove_stale() -> None:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the test process goes (Linux prctl PR_SET_PDEATHSIG)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-
-
 def _run(argv: Sequence[str]) -> None:
     done = subprocess.run(list(argv), capture_output=True, text=True)
     if done.returncode != 0:
@@ -106,13 +99,14 @@ class Namespace:
     def argv(self, *cmd: str, uid: int | None = None) -> list[str]:
         """``cmd`` inside this namespace (as ``uid`` if given, with no supplementary groups).
 
-        A process started this way dies with the test process (parent-death signal; setpriv
-        sets it again after changing uid, which clears it), so a killed run leaves no servers.
+        A process started this way dies with the test process: setpriv sets the parent-death
+        signal (after changing uid, which would clear it), so a killed run leaves no servers. No
+        Python runs between fork and exec (no preexec_fn), so subprocess can use vfork.
         """
-        prefix = ["nsenter", f"--net={self.path}"]
+        prefix = ["nsenter", f"--net={self.path}", "setpriv"]
         if uid is not None:
-            prefix += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--pdeathsig", "KILL"]
-        return [*prefix, *cmd]
+            prefix += [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        return [*prefix, "--pdeathsig", "KILL", *cmd]
 
     def run(self, *cmd: str, uid: int | None = None, timeout: float = 30.0,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -121,7 +115,7 @@ class Namespace:
     def start(self, *cmd: str, uid: int | None = None, cwd: Path | None = None,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(self.argv(*cmd, uid=uid), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                cwd=cwd, env=env, preexec_fn=_die_with_parent)
+                                cwd=cwd, env=env)
         self.procs.append(proc)
         return proc
 
