@@ -135,7 +135,7 @@ def _trace_id(traceparent: bytes | None) -> str | None:
 
 def http_fields(rec: tuple[Any, ...], wall_now: float, loop_now: float) -> dict[str, Any]:
     """Istio's default JSON access log fields for an HTTP record (None where Envoy prints "-")."""
-    (_, _, t0, t1, method, path, http10, code, flags, rx, tx, hdrs, client_ip, peer, upstream, cluster) = rec
+    (_, _, t0, t1, method, path, http10, code, flags, rx, tx, hdrs, client_ip, peer, upstream, cluster, t_head) = rec
     hdrs = hdrs or {}
     peer_uri = peer.spiffe_id or (peer.uris[0] if peer.uris else None) if isinstance(peer, Peer) else None
     return {
@@ -148,7 +148,8 @@ def http_fields(rec: tuple[Any, ...], wall_now: float, loop_now: float) -> dict[
         "bytes_received": rx,
         "bytes_sent": tx,
         "duration": round((t1 - t0) * 1000),
-        "upstream_service_time": None,
+        # from routing to the upstream's response head (Envoy: x-envoy-upstream-service-time); none for local replies
+        "upstream_service_time": round((t_head - t0) * 1000) if t_head else None,
         "x_forwarded_for": _s(hdrs.get(b"x-forwarded-for")),
         "user_agent": _s(hdrs.get(b"user-agent")),
         "request_id": _s(hdrs.get(b"x-request-id")),

@@ -74,7 +74,7 @@ class Stream(Forwarder):
     __slots__ = (
         "close_after", "cluster", "conn", "ctx", "done", "expect_continue", "flags", "grpc", "grpc_status",
         "hdrs", "host", "http10", "keep_alive", "method", "path", "raw_headers", "req_bytes", "req_chunked",
-        "req_complete", "req_trailers", "resp_bytes", "route", "scheme", "span", "t0", "url",
+        "req_complete", "req_trailers", "resp_bytes", "route", "scheme", "span", "t0", "t_head", "url",
     )
 
     def __init__(self, conn: HttpConnection, ctx: Context) -> None:
@@ -111,6 +111,7 @@ class Stream(Forwarder):
         self.timeout = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.t0 = 0.0  # loop time when routing began
+        self.t_head = 0.0  # [accesslog] loop time when the upstream's response head arrived (0: none did)
         self.span: tracing.ActiveSpan | None = None  # [tracing] set when sampled
         self.upstream_host: Endpoint | None = None  # [accesslog] the endpoint picked (formatted off the path)
         self.upstream_tls: TlsClient | None = None  # [accesslog] how it is dialled (Istio metric labels)
@@ -343,6 +344,8 @@ class Stream(Forwarder):
                       outcome_recorded: bool) -> None:
         self.status = status
         self.response_started = True
+        if self.conn.listener.http.access_log is not None:  # type: ignore[union-attr]  # [accesslog]
+            self.t_head = self.ctx.loop.time()  # upstream_service_time
         t = self.try_timer
         if t is not None:
             self.try_timer = None
@@ -480,7 +483,7 @@ class Stream(Forwarder):
         self.ctx.access_log.push((
             spec, HTTP_RECORD, self.t0 or now, now, self.method, self.path, self.http10, code, flags,
             self.req_bytes, self.resp_bytes, self.hdrs, conn.client_ip, conn.peer, self.upstream_host,
-            rt.spec.name if rt is not None else None,
+            rt.spec.name if rt is not None else None, self.t_head,
         ))
 
     def _finish(self, reusable: bool) -> None:

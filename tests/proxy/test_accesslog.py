@@ -42,18 +42,19 @@ def test_custom_format_is_refused() -> None:
 
 def test_text_line_is_envoys_default_format() -> None:
     rec = (AccessLog("/x", "TEXT"), HTTP, 10.0, 10.25, b"GET", b"/a", False, 200, "", 3, 5,
-           {b"host": b"h", b"x-request-id": b"rid", b"user-agent": b"ua"}, b"10.0.0.1", None, "1.2.3.4:80", "c")
+           {b"host": b"h", b"x-request-id": b"rid", b"user-agent": b"ua"}, b"10.0.0.1", None, "1.2.3.4:80", "c",
+           10.2)
     out = format_batch([rec], 1_700_000_000.0, 20.0)
     (line,) = out["/x"]
     assert line.startswith("[2023-11-14T22:")
-    assert line.endswith('] "GET /a HTTP/1.1" 200 - 3 5 250 - "-" "ua" "rid" "h" "1.2.3.4:80"\n')
+    assert line.endswith('] "GET /a HTTP/1.1" 200 - 3 5 250 200 "-" "ua" "rid" "h" "1.2.3.4:80"\n')
     peer = Peer(uris=("spiffe://cluster.local/ns/default/sa/client",), dns=(), cert_sha256="00")
     rec = (AccessLog("/x", "JSON"), *rec[1:11],
-           {b"traceparent": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, b"10.0.0.1", peer, None, None)
+           {b"traceparent": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, b"10.0.0.1", peer, None, None, 0.0)
     f = json.loads(format_batch([rec], 1_700_000_000.0, 20.0)["/x"][0])
     assert f["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
     assert f["downstream_peer_uri_san"] == "spiffe://cluster.local/ns/default/sa/client"
-    assert f["upstream_host"] is None and f["request_id"] is None
+    assert f["upstream_host"] is None and f["request_id"] is None and f["upstream_service_time"] is None
     assert text_line(f).count('"') == 12
 
 
@@ -101,17 +102,19 @@ async def test_json_access_log_lines_match_the_requests(tmp_path: Path) -> None:
             assert ok["bytes_received"] == 0 and ok["bytes_sent"] == len(got[0].body)
             assert ok["downstream_remote_address"] == "127.0.0.1" and ok["trace_id"] is None
             assert ok["start_time"].endswith("Z") and ok["duration"] >= 0
+            assert isinstance(ok["upstream_service_time"], int) and 0 <= ok["upstream_service_time"] <= ok["duration"]
             echo = by_id["rid-2"]
             assert (echo["method"], echo["path"], echo["bytes_received"], echo["bytes_sent"]) == ("POST", "/echo", 6, 6)
             nr = by_id["rid-3"]
             assert (nr["response_code"], nr["response_flags"], nr["authority"]) == (404, "NR", "nope")
             assert nr["upstream_host"] is None and nr["upstream_cluster"] is None
+            assert nr["upstream_service_time"] is None  # no upstream answered
             uf = by_id["rid-4"]
             assert (uf["response_code"], uf["response_flags"], uf["path"]) == (503, "UF,URX", "/down")  # Istio's default retries ran out
             assert uf["upstream_host"] == f"127.0.0.1:{dead_port}"
             assert uf["upstream_cluster"] == f"outbound|{port}||{DEAD}"
             assert uf["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
-            assert uf["bytes_sent"] == len(got[3].body)
+            assert uf["bytes_sent"] == len(got[3].body) and uf["upstream_service_time"] is None
             code, text = await proxy.admin_get("/stats/prometheus")
             assert code == 200 and b"\npillion_access_log_dropped_total 0\n" in text
 
