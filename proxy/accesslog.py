@@ -126,6 +126,16 @@ def _s(v: bytes | None) -> str | None:
     return None if v is None else v.decode("latin-1")
 
 
+def _address(ip: bytes, port: int) -> str | None:
+    """ip:port as Envoy prints an address ([ip]:port for IPv6)."""
+    if not ip:
+        return None
+    host = ip.decode("latin-1")
+    if not port:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _trace_id(traceparent: bytes | None) -> str | None:
     if traceparent is None:
         return None
@@ -135,7 +145,8 @@ def _trace_id(traceparent: bytes | None) -> str | None:
 
 def http_fields(rec: tuple[Any, ...], wall_now: float, loop_now: float) -> dict[str, Any]:
     """Istio's default JSON access log fields for an HTTP record (None where Envoy prints "-")."""
-    (_, _, t0, t1, method, path, http10, code, flags, rx, tx, hdrs, client_ip, peer, upstream, cluster, t_head) = rec
+    (_, _, t0, t1, method, path, http10, code, flags, rx, tx, hdrs, client_ip, peer, upstream, cluster, t_head,
+     client_port) = rec
     hdrs = hdrs or {}
     peer_uri = peer.spiffe_id or (peer.uris[0] if peer.uris else None) if isinstance(peer, Peer) else None
     return {
@@ -156,7 +167,7 @@ def http_fields(rec: tuple[Any, ...], wall_now: float, loop_now: float) -> dict[
         "authority": _s(hdrs.get(b"host")),
         "upstream_host": upstream.address if upstream is not None and not isinstance(upstream, str) else upstream,
         "upstream_cluster": cluster,
-        "downstream_remote_address": _s(client_ip) or None,
+        "downstream_remote_address": _address(client_ip, client_port),
         "downstream_peer_uri_san": peer_uri,
         "trace_id": _trace_id(hdrs.get(b"traceparent")),
     }

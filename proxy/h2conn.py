@@ -55,7 +55,7 @@ def _grpc_message(err: ProxyError) -> bytes:
 class H2ServerConnection(asyncio.Protocol):
     __slots__ = (
         "_blocked", "_closing", "_goaway_sent", "_heads", "_idle_tick", "_in_feed", "_last_sid", "_rst_count",
-        "_rst_start", "_touched", "client_ip", "ctx", "h2", "listener", "lstats", "original_dst", "peer", "streams",
+        "_rst_start", "_touched", "client_ip", "client_port", "ctx", "h2", "listener", "lstats", "original_dst", "peer", "streams",
         "transport", "write_paused",
     )
 
@@ -68,6 +68,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.original_dst = original_dst
         self.transport: asyncio.Transport | None = None
         self.client_ip = b""
+        self.client_port = 0  # [accesslog]
         self.peer: Peer | None = None
         http = listener.http
         # The hpack decoder's hard cap (a connection error): well above the per-request limit,
@@ -93,6 +94,7 @@ class H2ServerConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         peername = transport.get_extra_info("peername")
         self.client_ip = peername[0].encode() if peername else b""
+        self.client_port = peername[1] if peername else 0
         self.ctx.connections.add(self)
         self.lstats.cx_total += 1
         self.lstats.cx_active += 1

@@ -69,6 +69,7 @@ class HttpConnection(asyncio.Protocol):
         "_upgrading",
         "_wbuf",
         "client_ip",
+        "client_port",
         "ctx",
         "listener",
         "lstats",
@@ -91,6 +92,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b""
+        self.client_port = 0  # [accesslog]
         self.peer: Peer | None = None  # the TLS peer (mTLS), for x-forwarded-client-cert
         self._wbuf: list[bytes] = []
         self._in_feed = False
@@ -114,6 +116,7 @@ class HttpConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
+        self.client_port = peer[1] if peer else 0
         self.ctx.connections.add(self)
         self.lstats.cx_total += 1
         self.lstats.cx_active += 1

@@ -483,7 +483,7 @@ class Stream(Forwarder):
         self.ctx.access_log.push((
             spec, HTTP_RECORD, self.t0 or now, now, self.method, self.path, self.http10, code, flags,
             self.req_bytes, self.resp_bytes, self.hdrs, conn.client_ip, conn.peer, self.upstream_host,
-            rt.spec.name if rt is not None else None, self.t_head,
+            rt.spec.name if rt is not None else None, self.t_head, conn.client_port,
         ))
 
     def _finish(self, reusable: bool) -> None:

@@ -80,6 +80,10 @@ class H2Stream(Stream):
         self.pend_end: list[tuple[bytes, bytes]] | bool | None = None  # end of response queued behind ``pend``
         self.h2_req: tuple[bytes, bytes, bytes, bytes, list[bytes], frozenset[bytes]] | None = None  # [http2]
 
+    @property
+    def client_port(self) -> int:  # [accesslog] read only when a line is logged
+        return self.h2.client_port
+
     # ------------------------------------------------------------------ request head
     def prepare(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         """Check the header block and build the upstream head. Raises MalformedRequest or ProxyError."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -43,17 +44,18 @@ def test_custom_format_is_refused() -> None:
 def test_text_line_is_envoys_default_format() -> None:
     rec = (AccessLog("/x", "TEXT"), HTTP, 10.0, 10.25, b"GET", b"/a", False, 200, "", 3, 5,
            {b"host": b"h", b"x-request-id": b"rid", b"user-agent": b"ua"}, b"10.0.0.1", None, "1.2.3.4:80", "c",
-           10.2)
+           10.2, 5555)
     out = format_batch([rec], 1_700_000_000.0, 20.0)
     (line,) = out["/x"]
     assert line.startswith("[2023-11-14T22:")
     assert line.endswith('] "GET /a HTTP/1.1" 200 - 3 5 250 200 "-" "ua" "rid" "h" "1.2.3.4:80"\n')
     peer = Peer(uris=("spiffe://cluster.local/ns/default/sa/client",), dns=(), cert_sha256="00")
     rec = (AccessLog("/x", "JSON"), *rec[1:11],
-           {b"traceparent": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, b"10.0.0.1", peer, None, None, 0.0)
+           {b"traceparent": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, b"::1", peer, None, None, 0.0, 443)
     f = json.loads(format_batch([rec], 1_700_000_000.0, 20.0)["/x"][0])
     assert f["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
     assert f["downstream_peer_uri_san"] == "spiffe://cluster.local/ns/default/sa/client"
+    assert f["downstream_remote_address"] == "[::1]:443"
     assert f["upstream_host"] is None and f["request_id"] is None and f["upstream_service_time"] is None
     assert text_line(f).count('"') == 12
 
@@ -100,7 +102,7 @@ async def test_json_access_log_lines_match_the_requests(tmp_path: Path) -> None:
             assert ok["upstream_host"] == f"127.0.0.1:{up.port}"
             assert ok["upstream_cluster"] == f"outbound|{port}||{HOST}"
             assert ok["bytes_received"] == 0 and ok["bytes_sent"] == len(got[0].body)
-            assert ok["downstream_remote_address"] == "127.0.0.1" and ok["trace_id"] is None
+            assert re.fullmatch(r"127\.0\.0\.1:\d+", ok["downstream_remote_address"]) and ok["trace_id"] is None
             assert ok["start_time"].endswith("Z") and ok["duration"] >= 0
             assert isinstance(ok["upstream_service_time"], int) and 0 <= ok["upstream_service_time"] <= ok["duration"]
             echo = by_id["rid-2"]

@@ -76,6 +76,8 @@ async def test_grpc_crosses_two_sidecars_over_mtls_negotiating_h2(tmp_path: Path
             assert "URI=spiffe://cluster.local/ns/default/sa/productpage" in xfcc  # the mTLS peer, seen inbound
             await poll(lambda: len(inbound_lines(log)) >= 20, timeout=10, what="reviews' access log lines")
             assert {line["protocol"] for line in inbound_lines(log)} == {"HTTP/2"}  # ALPN picked h2 on the mTLS hop
+            # the other sidecar's address, with its port (Envoy's %DOWNSTREAM_REMOTE_ADDRESS%)
+            assert all(line["downstream_remote_address"].rsplit(":", 1)[1].isdigit() for line in inbound_lines(log))
     finally:
         await server.stop(0)
 
