@@ -12,8 +12,11 @@ warm-up, pinned as in ``benchmarks.macro``. The report is each proxy's requests/
 each mode relative to its own tracing-off run, the proxy's and the upstream's CPU time
 per request (steadier than requests/s when the machine drifts), and the collector's span
 count (proof that export happened). With ``--rounds N`` every mode runs N times,
-each round starting at a different mode, and the median is reported. Issue targets: 1% sampling costs
-Pillion < 5%, 100% costs < 25%.
+each round starting at a different mode, and the median is reported, together with the
+median (and range) of each round's own ratio to that round's "off" run, which cancels
+the machine's drift between rounds. "off again" is a control, tracing off in a second
+process: its ratio is the noise floor, what two identical runs differ by here. Issue
+targets: 1% sampling costs Pillion < 5%, 100% costs < 25%.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from benchmarks.targets import (
 )
 
 COLLECTOR = "otel-collector.default.svc.cluster.local"
-MODES = {"off": None, "0%": 0.0, "1%": 1.0, "100%": 100.0}  # 0%: context propagated, nothing sampled
+# 0%: context propagated, nothing sampled. "off again" is a control: tracing off in another process, so
+# its ratio to "off" shows how far two identical runs differ on this machine (the noise floor).
+MODES = {"off": None, "off again": None, "0%": 0.0, "1%": 1.0, "100%": 100.0}
 
 
 def tracing_yaml(collector_port: int, sampling: float) -> str:
@@ -95,7 +100,7 @@ def run_one(proxy: str, mode: str, plan: Plan, pinning: Pinning, workdir: Path, 
     admin = free_port()
     if proxy == "pillion":
         child = Child(f"pillion-{mode}", pinning.sut(pillion_command(config_dir, admin)),
-                      logs / f"pillion-{mode.strip('%')}.log", cwd=REPO_ROOT)
+                      logs / f"pillion-{mode.strip('%').replace(' ', '-')}.log", cwd=REPO_ROOT)
         try:
             _await_target(child, admin, ports)
         except BaseException:
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                             tcp_port = free_port()
                         ports = BenchPorts(http_port, tcp_port, upstreams.http_port, upstreams.tcp_port)
                         before = spans_received(status_port)
-                        workdir = Path(tmp) / f"{proxy}-{mode.strip('%')}-{rnd}"
+                        workdir = Path(tmp) / f"{proxy}-{mode.strip('%').replace(' ', '-')}-{rnd}"
                         try:
                             wrk = run_one(proxy, mode, plan, pinning, workdir, logs, args.out, ports,
                                           collector_port, upstream_meter)
@@ -173,26 +178,35 @@ def main(argv: list[str] | None = None) -> int:
                     if not ok:
                         results[proxy][mode] = got[-1]
                         continue
-                    results[proxy][mode] = {**ok[len(ok) // 2], "rounds": [r["requests_per_s"] for r in ok]}
+                    results[proxy][mode] = {**ok[len(ok) // 2], "rounds": [r["requests_per_s"] for r in got]}
                     for key in ("proxy_cpu_us_per_req", "upstream_cpu_us_per_req"):  # their own medians
                         values = sorted(r[key] for r in ok if key in r)
                         if values:
                             results[proxy][mode][key] = values[len(values) // 2]
+                for mode, got in per_mode.items():  # each round's ratio to that round's "off": drift cancels
+                    paired = sorted(g["requests_per_s"] / o["requests_per_s"]
+                                    for g, o in zip(got, per_mode.get("off", []), strict=False)
+                                    if g.get("requests_per_s") and o.get("requests_per_s"))
+                    if paired and "requests_per_s" in results[proxy][mode]:
+                        results[proxy][mode]["paired_ratios"] = paired
         finally:
             collector.stop()
             upstreams.stop()
-    print(f"{'proxy':<8} {'tracing':<8} {'req/s':>10} {'vs off':>8} {'proxy CPU us/req':>17} "
-          f"{'upstream us/req':>16} {'spans at collector':>20}")
+    print(f"{'proxy':<8} {'tracing':<10} {'req/s':>10} {'vs off':>8} {'paired (min..max)':>20} "
+          f"{'proxy CPU us/req':>17} {'upstream us/req':>16} {'spans at collector':>20}")
     for proxy, modes in results.items():
         off = modes.get("off", {}).get("requests_per_s")
         for mode, r in modes.items():
             rps = r.get("requests_per_s")
             if rps is None:
-                print(f"{proxy:<8} {mode:<8} {'error':>10}  {r.get('error', '')}")
+                print(f"{proxy:<8} {mode:<10} {'error':>10}  {r.get('error', '')}")
                 continue
             ratio = f"{rps / off:.3f}" if off else "-"
-            print(f"{proxy:<8} {mode:<8} {rps:>10.0f} {ratio:>8} {r.get('proxy_cpu_us_per_req', 0):>17.2f} "
-                  f"{r.get('upstream_cpu_us_per_req', 0):>16.2f} {r.get('spans_exported', 0):>20}")
+            pr = r.get("paired_ratios") or []
+            paired = f"{pr[len(pr) // 2]:.3f} ({pr[0]:.3f}..{pr[-1]:.3f})" if pr else "-"
+            print(f"{proxy:<8} {mode:<10} {rps:>10.0f} {ratio:>8} {paired:>20} "
+                  f"{r.get('proxy_cpu_us_per_req', 0):>17.2f} {r.get('upstream_cpu_us_per_req', 0):>16.2f} "
+                  f"{r.get('spans_exported', 0):>20}")
     (args.out / "results-tracing.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
