@@ -217,11 +217,8 @@ class H2ServerConnection(asyncio.Protocol):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("listener %s: stream %d reset: %s", self.listener.name, sid, e)
             self._reset(sid, _PROTOCOL_ERROR)
-            self.streams.pop(sid, None)
-            self._blocked.discard(st)
+            self._forget(st)
             st.discard_request()
-            if st.unacked:
-                self.ack(st)
 
     def on_end(self, sid: int) -> None:
         st = self.streams.get(sid)

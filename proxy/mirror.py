@@ -21,7 +21,7 @@ from typing import Any
 from proxy.cluster import ClusterRuntime
 from proxy.context import Context
 from proxy.errors import ProxyError
-from proxy.route_edit import shadow_head
+from proxy.route_edit import last_chunk, shadow_head
 
 
 def dechunk(framed: bytes) -> bytes:
@@ -36,12 +36,6 @@ def dechunk(framed: bytes) -> bytes:
         start = eol + 2
         parts.append(framed[start:start + n])
         pos = start + n + 2
-
-
-def last_chunk(trailers: list[tuple[bytes, bytes]] | None) -> bytes:
-    if not trailers:
-        return b"0\r\n\r\n"
-    return b"".join([b"0\r\n", *(n + b": " + v + b"\r\n" for n, v in trailers), b"\r\n"])
 
 
 class Shadow:

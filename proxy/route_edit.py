@@ -5,6 +5,8 @@ build (``Stream.out[0]``: request line, header lines, blank line) and over
 response header lists: path and host rewrites, header additions and
 removals, the Location of a redirect and the host of a mirrored request.
 They run only for routes that carry such settings, never for the plain case.
+``last_chunk`` is the one place an HTTP/1.1 chunked body's end (with any
+trailers) is written, for requests, responses and mirrors alike.
 """
 
 from __future__ import annotations
@@ -14,6 +16,16 @@ import re
 from collections.abc import Iterable
 
 from proxy.model import HeaderMutation, Redirect, Rewrite, Route
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def last_chunk(trailers: Iterable[tuple[bytes, bytes]] | None) -> bytes:
+    """The last chunk of a chunked HTTP/1.1 body, with ``trailers`` as its fields (RFC 9112 section 7.1.2)."""
+    if not trailers:
+        return LAST_CHUNK
+    return b"".join([b"0\r\n", *(n + b": " + v + b"\r\n" for n, v in trailers), b"\r\n"])
+
 
 _HOST_LINE = re.compile(rb"\r\nhost[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 

@@ -38,7 +38,7 @@ from proxy.errors import (
 from proxy.forwarder import Forwarder
 from proxy.model import AccessLog, Endpoint, Route, TlsClient  # [accesslog]
 from proxy.policy import authorize_request
-from proxy.route_edit import edit_request_head, edit_response_headers, redirect_location
+from proxy.route_edit import edit_request_head, edit_response_headers, last_chunk, redirect_location
 from proxy.router import find_virtual_host, match_route, pick_cluster
 
 if TYPE_CHECKING:
@@ -299,9 +299,7 @@ class Stream(Forwarder):
         if self.done:
             return
         if self.req_chunked and not self.up_h2:
-            t = self.req_trailers
-            self.out.append(b"0\r\n\r\n" if t is None else
-                            b"".join([b"0\r\n", *(n + b": " + v + b"\r\n" for n, v in t), b"\r\n"]))
+            self.out.append(last_chunk(self.req_trailers))
         route = self.route
         if self.cluster is not None and route is not None:
             self._arm_timer()

@@ -19,6 +19,7 @@ from proxy.errors import (
     ProxyError,
     UpstreamResetError,
 )
+from proxy.route_edit import LAST_CHUNK, last_chunk
 from proxy.stream import HIGH_WATER, Stream
 
 # Request headers that are not forwarded as received (RFC 9110 section 7.6.1,
@@ -192,17 +193,14 @@ class H1Stream(Stream):
 
     def emit_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
         if self.mode == _MODE_CHUNKED:
-            if trailers:
-                self.conn.queue_write(b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n")
-            else:
-                self.conn.queue_write(b"0\r\n\r\n")
+            self.conn.queue_write(last_chunk(trailers))
 
     def eof_ends_response(self, err: ProxyError) -> bool:
         if not (self.resp_eof_delimited and isinstance(err, UpstreamResetError)):
             return False
         # EOF is how a close-delimited body ends (RFC 9112 section 6.3).
         if self.mode == _MODE_CHUNKED:
-            self.conn.queue_write(b"0\r\n\r\n")
+            self.conn.queue_write(LAST_CHUNK)
         self.conn.flush()
         return True
 

@@ -64,6 +64,11 @@ async def test_h2_client_trailers_go_in_the_last_chunk_to_http1(tmp_path):
         send_trailers(c, sid, TRAILERS)
         assert (await c.response(sid)).status == 200
         assert m.up.state.all_bytes.endswith(b"\r\n\r\n0\r\nx-checksum: abc123\r\nx-count: 2\r\n\r\n")
+        # a body with a content-length goes as is: HTTP/1.1 has no place for trailers there (dropped, as Envoy does)
+        sid = c.start("POST", "/sized", HOST, [("content-length", "3")], b"xyz", end=False)
+        send_trailers(c, sid, TRAILERS)
+        assert (await c.response(sid)).status == 200
+        assert m.up.requests[-1].body == b"xyz" and m.up.state.all_bytes.endswith(b"\r\n\r\nxyz")
 
 
 async def test_http1_chunked_trailers_reach_both_kinds_of_upstream(tmp_path):
