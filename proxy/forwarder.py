@@ -214,7 +214,8 @@ class Forwarder:
             if m.percent >= 100 or ctx.random() * 100 < m.percent:
                 rt = ctx.clusters.get(m.cluster)
                 if rt is not None:
-                    Shadow(data, self.up_h2, self.req_chunked, self.req_trailers).start(rt, ctx)
+                    h2 = cast("Stream", self).speaks_h2(rt)
+                    Shadow(data, self.up_h2, self.req_chunked, self.req_trailers).start(rt, ctx, h2)
 
     def _arm_timer(self) -> None:
         if self.timeout > 0 and self.timer is None and not self.done:

@@ -50,12 +50,13 @@ class Shadow:
         self.h2 = False  # the mirror cluster speaks HTTP/2
         self.up: Any = None
 
-    def start(self, rt: ClusterRuntime, ctx: Context) -> None:
+    def start(self, rt: ClusterRuntime, ctx: Context, h2: bool) -> None:
+        """Send the copy to ``rt``, over HTTP/2 if ``h2`` (``Stream.speaks_h2``, the primary's rule)."""
         ep = rt.lb.pick(None)
         if ep is None:
             return
         rt.stats.rq_mirrored += 1
-        h2 = self.h2 = rt.spec.http2
+        self.h2 = h2
         pool: Any = rt.h2_pool(ep, ctx.loop) if h2 else rt.pool(ep, ctx.loop)
         try:
             up = pool.acquire(self._on_connected)

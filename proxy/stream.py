@@ -210,7 +210,7 @@ class Stream(Forwarder):
         # ---- [authz] end
         if route.rewrite is not None or route.mutation is not None:  # [traffic]
             self.out[0] = edit_request_head(self.out[0], route, self.path)
-        self.up_h2 = rt.spec.http2 or (rt.spec.use_downstream_protocol and self.downstream_h2())  # [http2]
+        self.up_h2 = self.speaks_h2(rt)  # [http2]
         if route.retry is not None or route.mirrors:
             self.keep = []
         fault = route.fault  # [traffic] envoy.filters.http.fault, after the policy filters (Istio's order)
@@ -228,6 +228,11 @@ class Stream(Forwarder):
 
     def downstream_h2(self) -> bool:
         return False
+
+    def speaks_h2(self, rt: ClusterRuntime) -> bool:  # [http2]
+        """Whether this request goes to ``rt`` over HTTP/2: the cluster's protocol, or the client's
+        when the cluster says use_downstream_protocol (Istio's useClientProtocol). Mirrors too."""
+        return rt.spec.http2 or (rt.spec.use_downstream_protocol and self.downstream_h2())
 
     def h2_fields(self, head: bytes, scheme: bytes) -> list[tuple[bytes, bytes]] | None:  # [http2]
         """``head`` (``out[0]``) as HTTP/2 request fields when the stream still has them unedited, else None."""

@@ -86,12 +86,13 @@ async def test_json_access_log_lines_match_the_requests(tmp_path: Path) -> None:
                 ("GET", "/x", "nope", {"x-request-id": "rid-3"}, b""),
                 ("GET", "/down", DEAD, {"x-request-id": "rid-4",
                                         "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, b""),
+                ("GET", "/slow?ms=300", HOST, {"x-request-id": "rid-5"}, b""),
             ]
             got = []
             for method, path, host, headers, body in sent:
                 got.append(await c.request(method, path, host, headers=headers, body=body))
             await c.close()
-            assert [r.status for r in got] == [200, 200, 404, 503]
+            assert [r.status for r in got] == [200, 200, 404, 503, 200]
             await eventually(lambda: len(_lines(log_path)) >= len(sent))
             entries = [json.loads(line) for line in _lines(log_path)]
             assert len(entries) == len(sent)
@@ -117,6 +118,8 @@ async def test_json_access_log_lines_match_the_requests(tmp_path: Path) -> None:
             assert uf["upstream_cluster"] == f"outbound|{port}||{DEAD}"
             assert uf["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
             assert uf["bytes_sent"] == len(got[3].body) and uf["upstream_service_time"] is None
+            slow = by_id["rid-5"]  # the upstream took 300 ms before its head: that is its service time
+            assert 300 <= slow["upstream_service_time"] <= slow["duration"]
             code, text = await proxy.admin_get("/stats/prometheus")
             assert code == 200 and b"\npillion_access_log_dropped_total 0\n" in text
 

@@ -7,7 +7,7 @@ import asyncio
 import re
 
 from proxy import model
-from tests.helpers.h2server import H2Server
+from tests.helpers.h2server import H2Client, H2Server
 from tests.helpers.net import one_request
 from tests.helpers.snapshots import FixedUpstream, cluster, route, serve, snapshot
 from tests.helpers.upstreams import RecordingUpstream
@@ -195,6 +195,22 @@ async def test_mirror_to_an_http1_cluster_from_an_http2_primary() -> None:
             await primary.wait_for(lambda: len(primary.requests) == 3)
             by_authority = {dict(q.headers)[":authority"]: q for q in primary.requests[1:]}
             assert by_authority["svc-shadow"].body == b"xyz" and by_authority["svc"].body == b"xyz"
+
+
+async def test_a_mirror_cluster_that_follows_the_client_protocol_gets_http2_from_an_http2_client() -> None:
+    # use_downstream_protocol (Istio's useClientProtocol) decides the shadow's protocol as it does the primary's
+    async with RecordingUpstream("primary") as primary, H2Server("shadow") as shadow:
+        snap = snapshot([route(mirrors=(model.Mirror("m", 100.0),))],
+                        [cluster("c", primary.port), cluster("m", shadow.port, use_downstream_protocol=True)])
+        async with serve(snap) as px:
+            c = await H2Client.connect(px.port)
+            try:
+                r = await c.request("POST", "/h2", "svc", [("content-length", "2")], b"hi")
+            finally:
+                c.close()
+            assert r.status == 200 and primary.requests[0].body == b"hi"  # the primary's cluster says HTTP/1.1
+            await shadow.wait_for(lambda: len(shadow.requests) == 1)
+            assert shadow.requests[0].body == b"hi" and dict(shadow.requests[0].headers)[":authority"] == "svc-shadow"
 
 
 async def test_grpc_timeout_header_bounds_the_request() -> None:
